@@ -1,0 +1,1 @@
+"""supabase-aliyun-sms sidecar."""

@@ -1,0 +1,126 @@
+"""`sms-sidecar migrate`: apply the bundled SQL migrations.
+
+Applied versions are recorded in `sms.schema_migrations`, never in the Supabase CLI's
+`supabase_migrations.schema_migrations`: a version there that is missing from a user's own
+`supabase/migrations/` folder makes their next `supabase db push` refuse to run. Versions the CLI
+already applied (users who copied our files into their folder) count as applied here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+__all__ = ["Migration", "MigrationError", "applied_versions", "bundled", "migrate", "pending"]
+
+_NAME = re.compile(r"^(?P<version>[0-9]{14})_(?P<name>.+)\.sql$")
+# Any constant works as long as every sidecar uses the same one.
+_LOCK_KEY = 0x736D735F6D6967  # "sms_mig"
+
+
+class MigrationError(RuntimeError):
+    """A migration failed; the message names the file, the line and the server's error."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str
+    name: str
+    path: Path
+
+    @property
+    def sql(self) -> str:
+        return self.path.read_text(encoding="utf-8")
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+
+def migrations_dir() -> Path:
+    """The installed copy inside the wheel, else the source tree's `supabase/migrations`."""
+    packaged = Path(__file__).with_name("migrations")
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "supabase" / "migrations"
+
+
+def bundled(directory: Path | None = None) -> list[Migration]:
+    found = []
+    for path in sorted((directory or migrations_dir()).glob("*.sql")):
+        match = _NAME.match(path.name)
+        if match:
+            found.append(Migration(match["version"], match["name"], path))
+    return found
+
+
+def applied_versions(conn: psycopg.Connection[tuple[object, ...]]) -> set[str]:
+    versions: set[str] = set()
+    for table in ("sms.schema_migrations", "supabase_migrations.schema_migrations"):
+        row = conn.execute("select to_regclass(%s) is not null", [table]).fetchone()
+        if row and row[0]:
+            query = sql.SQL("select version from {}").format(sql.Identifier(*table.split(".")))
+            versions.update(str(v) for (v,) in conn.execute(query))
+    return versions
+
+
+def pending(conn: psycopg.Connection[tuple[object, ...]], directory: Path | None = None) -> list[Migration]:
+    done = applied_versions(conn)
+    return [m for m in bundled(directory) if m.version not in done]
+
+
+def migrate(url: str, directory: Path | None = None) -> list[Migration]:
+    """Apply what is pending, one transaction per file; returns what was applied."""
+    applied: list[Migration] = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        # Two replicas starting together must not both apply the same file.
+        conn.execute("select pg_advisory_lock(%s)", [_LOCK_KEY])
+        try:
+            for migration in pending(conn, directory):
+                _apply(conn, migration)
+                applied.append(migration)
+        finally:
+            conn.execute("select pg_advisory_unlock(%s)", [_LOCK_KEY])
+    return applied
+
+
+def _apply(conn: psycopg.Connection[tuple[object, ...]], migration: Migration) -> None:
+    text = migration.sql
+    try:
+        with conn.transaction():
+            conn.execute("reset all")
+            conn.execute(
+                "create schema if not exists sms;"
+                "create table if not exists sms.schema_migrations ("
+                " version text primary key, name text not null, checksum text not null,"
+                " applied_at timestamptz not null default now());"
+                "alter table sms.schema_migrations enable row level security;"
+                "comment on table sms.schema_migrations is"
+                " 'supabase-aliyun-sms: migrations applied by sms-sidecar migrate.'"
+            )
+            # No parameters: psycopg sends the whole file as one simple query, statements in order.
+            conn.execute(text.encode("utf-8"))
+            conn.execute(
+                "insert into sms.schema_migrations (version, name, checksum) values (%s, %s, %s)",
+                [migration.version, migration.name, migration.checksum],
+            )
+    except psycopg.Error as exc:
+        raise MigrationError(_describe(migration, text, exc)) from exc
+
+
+def _describe(migration: Migration, text: str, exc: psycopg.Error) -> str:
+    diag = exc.diag
+    where = ""
+    if diag.statement_position:
+        offset = int(diag.statement_position) - 1  # the server counts characters, from 1
+        line_no = text.count("\n", 0, offset) + 1
+        line = text.splitlines()[line_no - 1].strip() if text else ""
+        where = f" at line {line_no}: {line[:120]}"
+    message = diag.message_primary or str(exc).strip()
+    detail = f" ({diag.context.strip()})" if diag.context else ""
+    return f"{migration.path.name}{where}: {message}{detail}"

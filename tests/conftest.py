@@ -1,0 +1,154 @@
+"""Shared fixtures: one real PostgreSQL for the whole session, migrated with `sms-sidecar migrate`.
+
+The database is, in order: TEST_DATABASE_URL if set; else a `supabase/postgres` container when a
+Docker engine answers; else a throwaway local cluster from the PostgreSQL server binaries, loaded
+with the Supabase stand-in.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+from postgrest import PostgREST
+from psycopg import sql
+
+from sidecar import standin
+from sidecar.localpg import LocalCluster
+
+SUPABASE_IMAGE = "supabase/postgres:15.8.1.085"
+
+
+@dataclass(frozen=True)
+class Database:
+    url: str  # the `postgres` role: owns what the migrations create, as on Supabase
+    superuser_url: str | None  # for extensions such as pgTAP; None when not available
+
+    def execute(self, query: str | sql.Composable, params: Any = None) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    def one(self, query: str | sql.Composable, params: Any = None) -> Any:
+        rows = self.execute(query, params)
+        assert len(rows) == 1, rows
+        return rows[0][0] if len(rows[0]) == 1 else rows[0]
+
+
+def _docker_answers() -> bool:
+    if not os.environ.get("DOCKER_HOST") and not os.path.exists("/var/run/docker.sock"):
+        return False
+    import docker
+
+    try:
+        client = docker.from_env(timeout=2)
+    except Exception:
+        return False
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+    finally:
+        client.close()
+
+
+def _with_user(url: str, user: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    info["user"] = user
+    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+
+
+def run_migrate(url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", "migrate", *extra],
+        env={**os.environ, "DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@contextmanager
+def _resolve() -> Iterator[Database]:
+    if os.environ.get("TEST_DATABASE_URL"):
+        url = os.environ["TEST_DATABASE_URL"]
+        with psycopg.connect(url, autocommit=True) as conn:
+            if not standin.has_supabase_roles(conn):
+                standin.load(url)
+        yield Database(url=url, superuser_url=url)
+    elif _docker_answers():
+        from testcontainers.community.postgres import PostgresContainer
+
+        with PostgresContainer(
+            SUPABASE_IMAGE, username="postgres", password="postgres", dbname="postgres", driver=None
+        ) as container:
+            url = container.get_connection_url()
+            yield Database(url=url, superuser_url=_with_user(url, "supabase_admin"))
+    else:
+        with LocalCluster() as cluster:
+            standin.load(cluster.url())
+            yield Database(url=cluster.url("postgres"), superuser_url=cluster.url())
+
+
+@pytest.fixture(scope="session")
+def database() -> Iterator[Database]:
+    with _resolve() as db:
+        result = run_migrate(db.url)
+        assert result.returncode == 0, result.stderr
+        yield db
+
+
+@pytest.fixture(scope="session")
+def api(database: Database) -> Iterator[PostgREST]:
+    client = PostgREST(database.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(database: Database) -> Iterator[Any]:
+    """Change sms.settings for one test: `settings(resend_cooldown_seconds=None)`; restored afterwards."""
+    saved = database.one("select to_jsonb(s) from sms.settings as s")
+
+    def change(**values: Any) -> None:
+        assignments = sql.SQL(", ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(k), sql.Placeholder()) for k in values
+        )
+        database.execute(
+            sql.SQL("update sms.settings set {} where id").format(assignments),
+            [psycopg.types.json.Jsonb(v) if isinstance(v, dict) else v for v in values.values()],
+        )
+
+    yield change
+    database.execute(
+        "update sms.settings as s set (code_ttl_seconds, code_length, max_attempts, resend_cooldown_seconds,"
+        " daily_limit_per_phone, hourly_limit_per_user, hourly_limit_per_ip, allowed_country_codes,"
+        " allow_anon, test_codes) = (select r.code_ttl_seconds, r.code_length, r.max_attempts,"
+        " r.resend_cooldown_seconds, r.daily_limit_per_phone, r.hourly_limit_per_user, r.hourly_limit_per_ip,"
+        " r.allowed_country_codes, r.allow_anon, r.test_codes"
+        " from jsonb_populate_record(null::sms.settings, %s) as r) where s.id",
+        [psycopg.types.json.Jsonb(saved)],
+    )
+
+
+def fresh_phone() -> str:
+    """A mainland mobile number no other test uses, in E.164 digits."""
+    return "861" + random.choice("3456789") + f"{random.randrange(10**9):09d}"
+
+
+@pytest.fixture
+def phone() -> str:
+    return fresh_phone()
+
+
+def new_uid() -> str:
+    return str(uuid.uuid4())
