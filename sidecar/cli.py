@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sidecar.config import Config, ConfigError
+
 __all__ = ["main"]
 
 
@@ -37,12 +39,51 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(env: dict[str, str]) -> Config:
+    try:
+        return Config.from_env(env)
+    except ConfigError as exc:
+        raise SystemExit(f"sms-sidecar: {exc}") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    if args.host:
+        env["HOST"] = args.host
+    if args.port:
+        env["PORT"] = str(args.port)
+    config = _config(env)
+    serve(config)
+    return 0
+
+
+def serve(config: Config) -> None:
+    import uvicorn
+
+    from sidecar.app import create_app
+    from sidecar.logs import configure
+
+    configure()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config), host=config.host, port=config.port, log_config=None, access_log=False,
+            timeout_graceful_shutdown=10, backlog=1024,
+        )
+    )  # fmt: skip
+    server.run()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sms-sidecar",
         description="Phone verification for Supabase through Alibaba Cloud SMS.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the hook endpoint, health, metrics and the delivery worker")
+    serve.add_argument("--host", help="listen address (default: $HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default: $PORT or 8090)")
+    serve.set_defaults(run=_serve)
 
     migrate = commands.add_parser("migrate", help="apply pending SQL migrations to DATABASE_URL")
     migrate.add_argument("--dir", type=Path, default=None, help="migrations folder (default: the bundled ones)")

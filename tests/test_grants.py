@@ -14,7 +14,9 @@ WRAPPERS = {
     "verify_phone_code": {"phone": "+8613012345678", "code": "123456"},
     "phone_code_status": {"request_id": "00000000-0000-4000-8000-000000000000"},
 }
-SIDECAR_FUNCTIONS = {"schema_version", "claim_messages", "finish_delivery", "release_messages", "purge"}
+SIDECAR_FUNCTIONS = {
+    "schema_version", "claim_messages", "finish_delivery", "release_messages", "purge", "hook_begin", "message_state",
+}  # fmt: skip
 
 
 def our_functions(db: Database) -> list[tuple[str, str, bool, list[str] | None]]:

@@ -696,21 +696,32 @@ as $$
 declare
     m record;
 begin
-    -- A code nobody can use any more is not worth a message.
-    update sms.outbox as o
-    set status = 'failed', code = null, lease_until = null, provider_code = 'EXPIRED',
-        last_error = 'the code expired before it could be delivered'
-    where o.id in (
-        select x.id from sms.outbox as x
-        where x.expires_at <= now()
-          and (x.status = 'queued' or (x.status = 'sending' and x.lease_until < now()))
-        for update skip locked
-    );
+    -- A code nobody can use any more is not worth a message. An attempt still open on such a
+    -- message belonged to a worker that crashed or hung: it may have reached the provider.
+    with expired as (
+        update sms.outbox as o
+        set status = 'failed', code = null, lease_until = null, provider_code = 'EXPIRED',
+            last_error = 'the code expired before it could be delivered'
+        where o.id in (
+            select x.id from sms.outbox as x
+            where x.expires_at <= now()
+              and (x.status = 'queued' or (x.status = 'sending' and x.lease_until < now()))
+            for update skip locked
+        )
+        returning o.id
+    )
+    update sms.deliveries as d
+    set finished_at = clock_timestamp(), outcome = 'ambiguous',
+        provider_message = 'lease expired before the attempt finished'
+    from expired
+    where d.message_id = expired.id and d.finished_at is null;
 
     for m in
         select x.id from sms.outbox as x
-        where (x.status = 'queued' and x.next_attempt_at <= now())
-           or (x.status = 'sending' and x.lease_until < now())
+        where ((x.status = 'queued' and x.next_attempt_at <= now())
+               or (x.status = 'sending' and x.lease_until < now()))
+          -- GoTrue gave up on a hook message that failed; its OTP was never stored.
+          and x.source <> 'auth_hook'
         order by x.next_attempt_at
         limit p_limit
         for update skip locked

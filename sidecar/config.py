@@ -1,0 +1,147 @@
+"""Configuration from the environment, parsed once at start-up (interface §2).
+
+Every problem becomes one `ConfigError` line naming the variable; values of secrets never appear
+in messages.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from sidecar.webhook import WebhookSecretError, parse_secrets
+
+__all__ = ["AliyunConfig", "Config", "ConfigError"]
+
+DEFAULT_ENDPOINT = "dysmsapi.aliyuncs.com"
+_TEMPLATE_CODE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+_PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class AliyunConfig:
+    access_key_id: str
+    access_key_secret: str
+    sign_name: str
+    template_code: str
+    template_param: str = "code"
+    intl_sign_name: str | None = None
+    intl_template_code: str | None = None
+    endpoint: str = DEFAULT_ENDPOINT  # host[:port]
+    protocol: str = "https"
+
+    def __repr__(self) -> str:  # keep the secret out of tracebacks and debug output
+        return f"AliyunConfig(access_key_id={self.access_key_id!r}, endpoint={self.endpoint!r}, ...)"
+
+
+@dataclass(frozen=True)
+class Config:
+    database_url: str
+    hook_secrets: tuple[bytes, ...]
+    provider: str  # "aliyun" or "console"
+    aliyun: AliyunConfig | None
+    host: str = "127.0.0.1"
+    port: int = 8090
+
+    def __repr__(self) -> str:
+        secrets = len(self.hook_secrets)
+        return f"Config(provider={self.provider!r}, host={self.host!r}, port={self.port}, secrets={secrets})"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, require_database: bool = True) -> Config:
+        def get(name: str) -> str:
+            return env.get(name, "").strip()
+
+        database_url = get("DATABASE_URL")
+        if require_database and not database_url:
+            raise ConfigError("DATABASE_URL is not set: give the PostgreSQL URL of your Supabase database")
+
+        secrets_value = get("SEND_SMS_HOOK_SECRETS") or get("SEND_SMS_HOOK_SECRET")
+        secrets: tuple[bytes, ...] = ()
+        if secrets_value:
+            name = "SEND_SMS_HOOK_SECRETS" if get("SEND_SMS_HOOK_SECRETS") else "SEND_SMS_HOOK_SECRET"
+            try:
+                secrets = parse_secrets(secrets_value)
+            except WebhookSecretError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+
+        provider = (get("SMS_PROVIDER") or "aliyun").lower()
+        if provider not in ("aliyun", "console"):
+            raise ConfigError(f"SMS_PROVIDER must be aliyun or console, not {provider!r}")
+
+        aliyun = _aliyun(get) if provider == "aliyun" else None
+
+        port_text = get("PORT") or "8090"
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ConfigError(f"PORT must be a TCP port number, not {port_text!r}")
+        return cls(
+            database_url=database_url,
+            hook_secrets=secrets,
+            provider=provider,
+            aliyun=aliyun,
+            host=get("HOST") or "127.0.0.1",
+            port=int(port_text),
+        )
+
+
+def _aliyun(get: Callable[[str], str]) -> AliyunConfig:
+    required = {
+        name: get(name)
+        for name in (
+            "ALIYUN_ACCESS_KEY_ID",
+            "ALIYUN_ACCESS_KEY_SECRET",
+            "ALIYUN_SMS_SIGN_NAME",
+            "ALIYUN_SMS_TEMPLATE_CODE",
+        )
+    }
+    for name, value in required.items():
+        if not value:
+            raise ConfigError(f"{name} is not set (needed by SMS_PROVIDER=aliyun; use SMS_PROVIDER=console to develop)")
+    if not _TEMPLATE_CODE.match(required["ALIYUN_SMS_TEMPLATE_CODE"]):
+        raise ConfigError("ALIYUN_SMS_TEMPLATE_CODE must look like SMS_123456789")
+    param = get("ALIYUN_SMS_TEMPLATE_PARAM") or "code"
+    if not _PARAM_NAME.match(param):
+        raise ConfigError(f"ALIYUN_SMS_TEMPLATE_PARAM must be a template variable name such as code, not {param!r}")
+
+    intl_sign, intl_template = get("ALIYUN_SMS_INTL_SIGN_NAME") or None, get("ALIYUN_SMS_INTL_TEMPLATE_CODE") or None
+    if (intl_sign is None) != (intl_template is None):
+        missing = "ALIYUN_SMS_INTL_TEMPLATE_CODE" if intl_template is None else "ALIYUN_SMS_INTL_SIGN_NAME"
+        raise ConfigError(f"{missing} is not set: the international sign name and template go together")
+    if intl_template is not None and not _TEMPLATE_CODE.match(intl_template):
+        raise ConfigError("ALIYUN_SMS_INTL_TEMPLATE_CODE must look like SMS_123456789")
+
+    endpoint, protocol = _endpoint(get("ALIYUN_SMS_ENDPOINT"))
+    return AliyunConfig(
+        access_key_id=required["ALIYUN_ACCESS_KEY_ID"],
+        access_key_secret=required["ALIYUN_ACCESS_KEY_SECRET"],
+        sign_name=required["ALIYUN_SMS_SIGN_NAME"],
+        template_code=required["ALIYUN_SMS_TEMPLATE_CODE"],
+        template_param=param,
+        intl_sign_name=intl_sign,
+        intl_template_code=intl_template,
+        endpoint=endpoint,
+        protocol=protocol,
+    )
+
+
+def _endpoint(value: str) -> tuple[str, str]:
+    """`dysmsapi.aliyuncs.com` (HTTPS) or a full URL such as `http://127.0.0.1:9100`."""
+    if not value:
+        return DEFAULT_ENDPOINT, "https"
+    if "://" not in value:
+        value = "https://" + value
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"ALIYUN_SMS_ENDPOINT is not a valid URL: {value!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise ConfigError(f"ALIYUN_SMS_ENDPOINT must be a host or an http(s)://host[:port] URL, not {value!r}")
+    # The SDK signs the host header, so it gets host[:port] and the scheme separately.
+    return (f"{parts.hostname}:{port}" if port else parts.hostname), parts.scheme

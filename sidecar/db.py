@@ -1,0 +1,68 @@
+"""The sidecar's connection pool and how it reads errors raised by the SQL core."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+__all__ = ["ApiError", "call", "create_pool"]
+
+STATEMENT_TIMEOUT_MS = 3000
+
+
+class ApiError(Exception):
+    """An error the SQL core raised for the caller (SQLSTATE PGRST): bad input or a limit."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+    @classmethod
+    def from_pgrst(cls, exc: psycopg.Error) -> ApiError:
+        body = json.loads(exc.diag.message_primary or "{}")
+        meta = json.loads(exc.diag.message_detail or "{}")
+        retry = (meta.get("headers") or {}).get("Retry-After")
+        return cls(int(meta.get("status", 400)), str(body.get("code", "")), str(body.get("message", "")),
+                   int(retry) if retry else None)  # fmt: skip
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    # A stuck query must not outlive GoTrue's 5-second hook deadline.
+    await conn.execute(f"set statement_timeout = {STATEMENT_TIMEOUT_MS}")
+
+
+def create_pool(url: str, max_size: int = 10) -> AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]]:
+    return AsyncConnectionPool(
+        url,
+        min_size=1,
+        max_size=max_size,
+        open=False,
+        kwargs={"application_name": "sms-sidecar", "row_factory": dict_row, "autocommit": True},
+        configure=_configure,
+        reconnect_timeout=24 * 3600,  # keep trying through a database restart instead of giving up
+    )
+
+
+async def call(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]],
+    query: str,
+    params: dict[str, Any],
+    timeout: float,
+) -> Any:
+    """Run one statement (its own transaction) and return the first column of its row."""
+    async with pool.connection(timeout=timeout) as conn:
+        try:
+            cur = await conn.execute(query, params)
+        except psycopg.Error as exc:
+            if exc.sqlstate == "PGRST":
+                raise ApiError.from_pgrst(exc) from None
+            raise
+        row = await cur.fetchone()
+    return next(iter(row.values())) if row else None

@@ -1,0 +1,33 @@
+"""Prometheus metrics, in a registry per app so several apps (tests) never clash."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.hook_requests = Counter("sms_hook_requests", "Send SMS hook requests by outcome.", ["outcome"], registry=r)
+        self.hook_rejections = Counter(
+            "sms_hook_rejections", "Hook requests refused before sending, by reason.", ["reason"], registry=r
+        )
+        self.hook_latency = Histogram(
+            "sms_hook_duration_seconds", "Time to answer a hook request.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.provider_latency = Histogram(
+            "sms_provider_duration_seconds", "Provider send latency.", ["provider"], buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.provider_results = Counter(
+            "sms_provider_results", "Provider results by code.", ["provider", "code"], registry=r
+        )

@@ -1,0 +1,30 @@
+"""Development provider: prints the message instead of sending it.
+
+It prints the code on purpose (that is what it is for) and on stderr, apart from the JSON logs,
+which never carry codes. `sms-sidecar serve` refuses nothing here: SMS_PROVIDER=console is an
+explicit choice.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import uuid
+
+from sidecar.logs import mask_phone
+from sidecar.providers.base import Outcome, SendResult, Sms, Timeouts
+
+__all__ = ["ConsoleProvider"]
+
+
+class ConsoleProvider:
+    name = "console"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def send(self, sms: Sms, timeouts: Timeouts) -> SendResult:
+        with self._lock:
+            print(f"[console SMS] to {mask_phone(sms.phone)} (out_id {sms.out_id}): code {sms.code}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        return SendResult(Outcome.ACCEPTED, "OK", "printed by the console provider", biz_id=f"console-{uuid.uuid4()}")
