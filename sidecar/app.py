@@ -56,7 +56,7 @@ def create_app(config: Config, provider: Provider | None = None) -> Starlette:
             config=config,
             pool=create_pool(config.database_url),
             provider=provider or build_provider(config),
-            verifier=WebhookVerifier(config.hook_secrets),
+            verifier=WebhookVerifier(config.hook_secrets) if config.hook_secrets else None,
         )
         if not config.hook_secrets:
             log.warning("SEND_SMS_HOOK_SECRETS is not set: the HTTP hook refuses every request")

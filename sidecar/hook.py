@@ -82,6 +82,8 @@ async def send_sms_hook(request: Request) -> Response:
         except TimeoutError:
             raise _Failure(408, "request body too slow", "slow_body") from None
         try:
+            if rt.verifier is None:
+                raise WebhookVerificationError("no hook secret configured")
             rt.verifier.verify(request.headers, body)
         except WebhookVerificationError as exc:
             raise _Failure(401, "invalid webhook signature", "signature") from exc

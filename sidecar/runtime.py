@@ -34,7 +34,7 @@ class Runtime:
     config: Config
     pool: AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]]
     provider: Provider
-    verifier: WebhookVerifier
+    verifier: WebhookVerifier | None  # None: no secret configured, every hook request is refused
     metrics: Metrics = field(default_factory=Metrics)
     worker_id: str = field(default_factory=new_worker_id)
     # Provider calls block on the network; a pool of their own keeps them from starving anything else.

@@ -50,7 +50,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import anyio
@@ -1016,8 +1016,3 @@ def _first(headers: httpx.Headers | None, name: str) -> str:
     """``http.Header.Get``: the first value, or ``""``."""
     values = headers.get_list(name) if headers is not None else []
     return values[0] if values else ""
-
-
-def ago(seconds: float) -> str:
-    """A Go-formatted UTC time ``seconds`` ago, for ``*_sent_at`` fixtures."""
-    return go_time(datetime.now(UTC) - timedelta(seconds=seconds))

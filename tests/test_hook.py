@@ -439,3 +439,11 @@ def test_without_a_database_the_hook_fails_fast_and_readyz_says_so(fake: FakeAli
         assert time.monotonic() - started < 4.5
     assert result.outcome == (503, result.message)
     assert fake.requests_seen == 0
+
+
+def test_without_a_configured_secret_every_request_is_refused(database: Database, fake: FakeAliyun) -> None:
+    aliyun = aliyun_config(fake.endpoint)
+    config = Config(database_url=sidecar_url(database), hook_secrets=(), provider="aliyun", aliyun=aliyun)
+    with run_app(create_app(config, AliyunProvider(aliyun))) as url:
+        result = gotrue(url).call(otp_login(NEW, phone=fresh_phone()))
+    assert result.attempts[-1].status == 401 and fake.requests_seen == 0

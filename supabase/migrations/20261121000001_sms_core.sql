@@ -103,6 +103,8 @@ create table if not exists sms.outbox (
     locked_by text,
     expires_at timestamptz not null,
     dedup_key text unique,
+    sign_name text,
+    template_code text,
     provider_code text,
     last_error text,
     biz_id text,
@@ -510,30 +512,30 @@ comment on function sms.check_purpose(text) is 'supabase-aliyun-sms: raises HTTP
 -- Verification codes (behind the public wrappers)
 ------------------------------------------------------------------------------------------------
 
-create or replace function sms.request_code(p_phone text, p_purpose text)
+create or replace function sms.issue_code(
+    p_phone text,
+    p_purpose text,
+    p_user_id uuid,
+    p_ip inet,
+    p_source text,
+    p_sign_name text default null,
+    p_template_code text default null
+)
 returns jsonb
 language plpgsql
 volatile
-security definer
 set search_path = ''
 as $$
 declare
     s sms.settings := sms.current_settings();
     v_phone text;
-    uid uuid := sms.caller_uid();
-    ip inet;
     code_id uuid := gen_random_uuid();
     test_code text;
     code text;
 begin
-    perform sms.check_caller_allowed(s);
     v_phone := sms.parse_phone(p_phone, s);
     perform sms.check_purpose(p_purpose);
-    -- A trusted backend calls from its own address; counting that against one IP would lock out everyone.
-    if sms.caller_role() <> 'service_role' then
-        ip := sms.client_ip();
-    end if;
-    perform sms.enforce_send_limits(v_phone, uid, ip);
+    perform sms.enforce_send_limits(v_phone, p_user_id, p_ip);
 
     update sms.codes as c
     set invalidated_at = now(), invalidated_reason = 'superseded'
@@ -543,17 +545,19 @@ begin
     test_code := s.test_codes ->> v_phone;
     code := coalesce(test_code, sms.random_code(s.code_length));
     insert into sms.codes (id, phone, purpose, user_id, code_hash, is_test, expires_at)
-    values (code_id, v_phone, p_purpose, uid, sms.code_hash(code_id, code), test_code is not null,
+    values (code_id, v_phone, p_purpose, p_user_id, sms.code_hash(code_id, code), test_code is not null,
             now() + make_interval(secs => s.code_ttl_seconds));
 
     if test_code is null then
-        insert into sms.outbox (code_id, source, phone, purpose, user_id, client_ip, code, expires_at)
-        values (code_id, 'rpc', v_phone, p_purpose, uid, ip, code, now() + make_interval(secs => s.code_ttl_seconds));
+        insert into sms.outbox (code_id, source, phone, purpose, user_id, client_ip, code, expires_at,
+                                sign_name, template_code)
+        values (code_id, p_source, v_phone, p_purpose, p_user_id, p_ip, code,
+                now() + make_interval(secs => s.code_ttl_seconds), p_sign_name, p_template_code);
     else
         -- Recorded (so limits and status behave as for a real number) but never sent.
         insert into sms.outbox (code_id, source, phone, purpose, user_id, client_ip, status, expires_at,
                                 provider_code, sent_at)
-        values (code_id, 'rpc', v_phone, p_purpose, uid, ip, 'sent',
+        values (code_id, p_source, v_phone, p_purpose, p_user_id, p_ip, 'sent',
                 now() + make_interval(secs => s.code_ttl_seconds), 'TEST_NUMBER', now());
     end if;
 
@@ -564,13 +568,31 @@ begin
     );
 end
 $$;
-comment on function sms.request_code(text, text) is 'supabase-aliyun-sms: issues a code for a phone and purpose, invalidating older ones, and queues its SMS. Behind public.request_phone_code.';
+comment on function sms.issue_code(text, text, uuid, inet, text, text, text) is 'supabase-aliyun-sms: issues a code for a phone and purpose, bound to p_user_id, invalidating older ones, and queues its SMS (with an optional sign name and template). Internal: callers go through request_code or grpc_send_code.';
 
-create or replace function sms.verify_code(p_phone text, p_code text, p_purpose text)
+create or replace function sms.request_code(p_phone text, p_purpose text)
 returns jsonb
 language plpgsql
 volatile
 security definer
+set search_path = ''
+as $$
+begin
+    perform sms.check_caller_allowed(sms.current_settings());
+    -- A trusted backend calls from its own address; counting that against one IP would lock out everyone.
+    return sms.issue_code(
+        p_phone, p_purpose, sms.caller_uid(),
+        case when sms.caller_role() <> 'service_role' then sms.client_ip() end,
+        'rpc'
+    );
+end
+$$;
+comment on function sms.request_code(text, text) is 'supabase-aliyun-sms: issues a code for the calling user (JWT sub) and queues its SMS. Behind public.request_phone_code.';
+
+create or replace function sms.check_code(p_phone text, p_code text, p_purpose text, p_user_id uuid)
+returns jsonb
+language plpgsql
+volatile
 set search_path = ''
 as $$
 declare
@@ -579,7 +601,6 @@ declare
     c sms.codes;
     used integer;
 begin
-    perform sms.check_caller_allowed(s);
     v_phone := sms.parse_phone(p_phone, s);
     perform sms.check_purpose(p_purpose);
     if p_code is null or length(p_code) > 64 then
@@ -594,7 +615,7 @@ begin
     for update;
 
     -- Another user's code is reported as absent and not counted: they cannot use it anyway.
-    if not found or c.consumed_at is not null or c.user_id is distinct from sms.caller_uid()
+    if not found or c.consumed_at is not null or c.user_id is distinct from p_user_id
        or c.invalidated_reason = 'superseded' then
         return jsonb_build_object('valid', false, 'reason', 'not_found', 'attempts_left', 0);
     end if;
@@ -621,7 +642,53 @@ begin
     return jsonb_build_object('valid', false, 'reason', 'mismatch', 'attempts_left', s.max_attempts - used);
 end
 $$;
-comment on function sms.verify_code(text, text, text) is 'supabase-aliyun-sms: checks a code once, counting failures (returned, never raised, so the count survives PostgREST''s rollback on error). Behind public.verify_phone_code.';
+comment on function sms.check_code(text, text, text, uuid) is 'supabase-aliyun-sms: checks a code once for p_user_id, counting failures (returned, never raised, so the count survives PostgREST''s rollback on error). Internal: callers go through verify_code or grpc_verify_code.';
+
+create or replace function sms.verify_code(p_phone text, p_code text, p_purpose text)
+returns jsonb
+language plpgsql
+volatile
+security definer
+set search_path = ''
+as $$
+begin
+    perform sms.check_caller_allowed(sms.current_settings());
+    return sms.check_code(p_phone, p_code, p_purpose, sms.caller_uid());
+end
+$$;
+comment on function sms.verify_code(text, text, text) is 'supabase-aliyun-sms: checks a code of the calling user. Behind public.verify_phone_code.';
+
+create or replace function sms.grpc_send_code(p_phone text, p_sign_name text, p_template_code text)
+returns jsonb
+language plpgsql
+volatile
+security definer
+set search_path = ''
+as $$
+begin
+    -- The gRPC API names a sign and template per call; only pairs the operator put in sms.templates
+    -- may be used (NULLs mean the sidecar's configured defaults), so it cannot text arbitrary templates.
+    if (p_sign_name is null) <> (p_template_code is null) or (
+        p_sign_name is not null and not exists (
+            select from sms.templates as t where t.sign_name = p_sign_name and t.template_code = p_template_code
+        )
+    ) then
+        perform sms.raise_api_error(400, 'template_not_allowed',
+                                    'this signature and template pair is not configured in sms.templates');
+    end if;
+    return sms.issue_code(p_phone, 'default', null, null, 'grpc', p_sign_name, p_template_code);
+end
+$$;
+comment on function sms.grpc_send_code(text, text, text) is 'supabase-aliyun-sms: SendSMS of the phone-number gRPC API: a code of purpose default, bound to no user, with an operator-approved sign name and template.';
+
+create or replace function sms.grpc_verify_code(p_phone text, p_code text)
+returns jsonb
+language sql
+volatile
+security definer
+set search_path = ''
+as $$ select sms.check_code(p_phone, p_code, 'default', null) $$;
+comment on function sms.grpc_verify_code(text, text) is 'supabase-aliyun-sms: Valid of the phone-number gRPC API: checks a code of purpose default bound to no user.';
 
 create or replace function sms.code_status(p_request_id uuid)
 returns jsonb
@@ -744,13 +811,10 @@ begin
         values (m.id, attempt, p_worker)
         returning id into delivery_id;
 
-        select t.sign_name, t.template_code into sign_name, template_code
-        from sms.outbox as o join sms.templates as t on t.purpose = o.purpose
+        select coalesce(o.sign_name, t.sign_name), coalesce(o.template_code, t.template_code)
+        into sign_name, template_code
+        from sms.outbox as o left join sms.templates as t on t.purpose = o.purpose
         where o.id = m.id;
-        if not found then
-            sign_name := null;
-            template_code := null;
-        end if;
 
         needs_reconcile := exists (
             select from sms.deliveries as d where d.message_id = m.id and d.outcome = 'ambiguous'
@@ -937,7 +1001,9 @@ grant execute on function
     sms.claim_messages(text, integer, integer),
     sms.finish_delivery(bigint, text, text, text, text, text, text, integer, integer, integer),
     sms.release_messages(text),
-    sms.purge(interval)
+    sms.purge(interval),
+    sms.grpc_send_code(text, text, text),
+    sms.grpc_verify_code(text, text)
 to sms_sidecar;
 
 create or replace function sms.sync_anon_grants()

@@ -179,3 +179,56 @@ revoke all on function sms.parse_auth_event(jsonb) from public, anon, authentica
 revoke all on function sms.hook_begin(jsonb, text, text, integer) from public, anon, authenticated, service_role;
 revoke all on function sms.message_state(uuid) from public, anon, authenticated, service_role;
 grant execute on function sms.hook_begin(jsonb, text, text, integer), sms.message_state(uuid) to sms_sidecar;
+
+create or replace function sms.send_sms_hook(event jsonb)
+returns jsonb
+language plpgsql
+volatile
+security definer
+set search_path = ''
+as $$
+declare
+    s sms.settings := sms.current_settings();
+    e record;
+    v_phone text;
+    dedup text;
+    failure_message text;
+    failure_detail text;
+begin
+    e := sms.parse_auth_event(event);
+    v_phone := sms.parse_phone(e.phone, s);
+    dedup := coalesce('gotrue:' || e.event_id, 'sha256:' || encode(sha256(convert_to(event::text, 'UTF8')), 'hex'));
+    perform pg_catalog.pg_advisory_xact_lock(hashtextextended('sms.hook:' || dedup, 0));
+    if exists (select from sms.outbox as o where o.dedup_key = dedup) then
+        return '{}'::jsonb;
+    end if;
+    perform sms.enforce_send_limits(v_phone, null, e.client_ip);
+
+    if s.test_codes ? v_phone then
+        -- A number the operator marked as never to be texted (see GOTRUE_SMS_TEST_OTP).
+        insert into sms.outbox (source, phone, purpose, client_ip, status, expires_at, dedup_key, provider_code,
+                                sent_at, gotrue_shape)
+        values ('pg_hook', v_phone, e.purpose, e.client_ip, 'sent', now() + make_interval(secs => s.code_ttl_seconds),
+                dedup, 'TEST_NUMBER', now(), e.shape);
+    else
+        insert into sms.outbox (source, phone, purpose, client_ip, code, expires_at, dedup_key, gotrue_shape)
+        values ('pg_hook', v_phone, e.purpose, e.client_ip, e.otp, now() + make_interval(secs => s.code_ttl_seconds),
+                dedup, e.shape);
+    end if;
+    return '{}'::jsonb;
+exception
+    -- GoTrue turns a raised exception into a bare 500; an error object reaches the user with its
+    -- status and message, on every GoTrue version of this hook path.
+    when sqlstate 'PGRST' then
+        get stacked diagnostics failure_message = message_text, failure_detail = pg_exception_detail;
+        return jsonb_build_object('error', jsonb_build_object(
+            'http_code', (failure_detail::jsonb ->> 'status')::integer,
+            'message', failure_message::jsonb ->> 'message'
+        ));
+end
+$$;
+comment on function sms.send_sms_hook(jsonb) is 'supabase-aliyun-sms: Postgres-function target for GoTrue (GOTRUE_HOOK_SEND_SMS_URI=pg-functions://postgres/sms/send_sms_hook). Queues the OTP GoTrue generated for the sidecar''s worker, after the allow-list and per-phone/per-IP limits; returns {} or GoTrue''s error object. Executable by supabase_auth_admin only.';
+
+revoke all on function sms.send_sms_hook(jsonb) from public, anon, authenticated, service_role;
+grant usage on schema sms to supabase_auth_admin;
+grant execute on function sms.send_sms_hook(jsonb) to supabase_auth_admin;

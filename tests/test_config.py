@@ -1,0 +1,112 @@
+"""Configuration from the environment: every problem is one line naming the variable, never a secret."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from gotrue import generate_secret
+
+from sidecar.config import DEFAULT_ENDPOINT, Config, ConfigError
+from sidecar.logs import mask_phone
+
+SECRET = generate_secret()
+ALIYUN = {
+    "DATABASE_URL": "postgresql://sms_sidecar@db/postgres",
+    "SEND_SMS_HOOK_SECRETS": SECRET,
+    "ALIYUN_ACCESS_KEY_ID": "LTAI5tExample",
+    "ALIYUN_ACCESS_KEY_SECRET": "very-secret-value",
+    "ALIYUN_SMS_SIGN_NAME": "阿里云短信测试",
+    "ALIYUN_SMS_TEMPLATE_CODE": "SMS_154950909",
+}
+
+
+def test_a_complete_aliyun_configuration() -> None:
+    config = Config.from_env(ALIYUN)
+    assert config.provider == "aliyun" and config.aliyun is not None
+    assert (config.aliyun.endpoint, config.aliyun.protocol, config.aliyun.template_param) == (
+        DEFAULT_ENDPOINT, "https", "code",
+    )  # fmt: skip
+    assert len(config.hook_secrets) == 1 and (config.host, config.port) == ("127.0.0.1", 8090)
+    assert "very-secret-value" not in repr(config) and "very-secret-value" not in repr(config.aliyun)
+
+
+def test_the_deno_functions_single_secret_name_is_accepted() -> None:
+    env = {k: v for k, v in ALIYUN.items() if k != "SEND_SMS_HOOK_SECRETS"} | {"SEND_SMS_HOOK_SECRET": SECRET}
+    assert len(Config.from_env(env).hook_secrets) == 1
+
+
+def test_several_secrets_for_rotation() -> None:
+    env = ALIYUN | {"SEND_SMS_HOOK_SECRETS": f"{SECRET}|{generate_secret()}"}
+    assert len(Config.from_env(env).hook_secrets) == 2
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "expected"),
+    [
+        ("http://127.0.0.1:9100", ("127.0.0.1:9100", "http")),
+        ("https://dysmsapi.ap-southeast-1.aliyuncs.com", ("dysmsapi.ap-southeast-1.aliyuncs.com", "https")),
+        ("dysmsapi.aliyuncs.com", ("dysmsapi.aliyuncs.com", "https")),
+    ],
+)
+def test_endpoint_forms(endpoint: str, expected: tuple[str, str]) -> None:
+    aliyun = Config.from_env(ALIYUN | {"ALIYUN_SMS_ENDPOINT": endpoint}).aliyun
+    assert aliyun is not None and (aliyun.endpoint, aliyun.protocol) == expected
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"DATABASE_URL": ""}, "DATABASE_URL"),
+        ({"ALIYUN_ACCESS_KEY_ID": ""}, "ALIYUN_ACCESS_KEY_ID"),
+        ({"ALIYUN_ACCESS_KEY_SECRET": ""}, "ALIYUN_ACCESS_KEY_SECRET"),
+        ({"ALIYUN_SMS_SIGN_NAME": ""}, "ALIYUN_SMS_SIGN_NAME"),
+        ({"ALIYUN_SMS_TEMPLATE_CODE": "SMS 1"}, "ALIYUN_SMS_TEMPLATE_CODE"),
+        ({"ALIYUN_SMS_TEMPLATE_PARAM": "1code"}, "ALIYUN_SMS_TEMPLATE_PARAM"),
+        ({"ALIYUN_SMS_INTL_SIGN_NAME": "Intl"}, "ALIYUN_SMS_INTL_TEMPLATE_CODE"),
+        ({"ALIYUN_SMS_ENDPOINT": "ftp://example.com"}, "ALIYUN_SMS_ENDPOINT"),
+        ({"ALIYUN_SMS_ENDPOINT": "http://host:99999"}, "ALIYUN_SMS_ENDPOINT"),
+        ({"SMS_PROVIDER": "twilio"}, "SMS_PROVIDER"),
+        ({"PORT": "eighty"}, "PORT"),
+        ({"SEND_SMS_HOOK_SECRETS": "whsec_abc"}, "SEND_SMS_HOOK_SECRETS"),
+        ({"SEND_SMS_HOOK_SECRETS": SECRET[:-4] + "!!!!"}, "SEND_SMS_HOOK_SECRETS"),
+    ],
+)
+def test_problems_name_the_variable(change: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env(ALIYUN | change)
+    message = str(caught.value)
+    assert message.startswith(named) or f" {named} " in f" {message} "
+    assert "very-secret-value" not in message and SECRET not in message and "\n" not in message
+
+
+def test_console_provider_needs_no_aliyun_settings() -> None:
+    config = Config.from_env({"DATABASE_URL": "postgresql:///x", "SMS_PROVIDER": "console"})
+    assert config.provider == "console" and config.aliyun is None and config.hook_secrets == ()
+
+
+def test_serve_fails_fast_with_one_line() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALIYUN_", "SEND_SMS", "SMS_"))}
+    env.update(DATABASE_URL="postgresql:///x", SMS_PROVIDER="aliyun")
+    result = subprocess.run([sys.executable, "-m", "sidecar", "serve"], env=env, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode != 0
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("sms-sidecar: ALIYUN_ACCESS_KEY_ID is not set")
+
+
+@pytest.mark.parametrize(
+    ("phone", "masked"),
+    [
+        ("8613012341234", "+86*******1234"),
+        ("12025550123", "+1******0123"),
+        ("85291234567", "+852****4567"),
+        ("447911123456", "+44******3456"),
+        ("", ""),
+        ("123", "***"),
+    ],
+)
+def test_phone_masking_keeps_country_code_and_last_four(phone: str, masked: str) -> None:
+    assert mask_phone(phone) == masked
