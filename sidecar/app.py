@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from sidecar.migrate import bundled
 from sidecar.providers import Provider, build_provider
 from sidecar.runtime import Runtime
 from sidecar.webhook import WebhookVerifier
+from sidecar.worker import DeliveryWorker
 
 __all__ = ["create_app"]
 
@@ -66,12 +68,21 @@ def create_app(config: Config, provider: Provider | None = None) -> Starlette:
         if warm is not None:
             await rt.run_blocking(warm)
         app.state.runtime = rt
+        stop = asyncio.Event()
+        worker_task = None
+        if config.worker.enabled:
+            worker = DeliveryWorker(rt, config.worker)
+            worker_task = asyncio.create_task(worker.run(stop), name="sms-delivery-worker")
         log.info("sidecar started", extra={"provider": rt.provider.name, "worker": rt.worker_id})
         try:
             yield
         finally:
+            stop.set()
+            if worker_task is not None:
+                await worker_task
             await rt.pool.close()
             rt.executor.shutdown(wait=False, cancel_futures=True)
+            log.info("sidecar stopped", extra={"worker": rt.worker_id})
 
     return Starlette(
         routes=[

@@ -9,11 +9,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from sidecar.webhook import WebhookSecretError, parse_secrets
 
-__all__ = ["AliyunConfig", "Config", "ConfigError"]
+__all__ = ["AliyunConfig", "Config", "ConfigError", "WorkerConfig"]
+
+T = TypeVar("T", int, float)
 
 DEFAULT_ENDPOINT = "dysmsapi.aliyuncs.com"
 _TEMPLATE_CODE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
@@ -41,6 +44,46 @@ class AliyunConfig:
 
 
 @dataclass(frozen=True)
+class WorkerConfig:
+    """Delivery worker tuning (SMS_WORKER_*); the defaults suit production."""
+
+    enabled: bool = True
+    concurrency: int = 16
+    # Keep above a send's worst case (12 s): a lease lost mid-send costs a reconcile before resending.
+    lease_seconds: int = 30
+    max_attempts: int = 5
+    backoff_seconds: float = 5.0
+    sweep_seconds: float = 1.0
+
+    @classmethod
+    def from_env(cls, get: Callable[[str], str]) -> WorkerConfig:
+        enabled = (get("SMS_WORKER_ENABLED") or "true").lower()
+        if enabled not in ("true", "false", "1", "0"):
+            raise ConfigError(f"SMS_WORKER_ENABLED must be true or false, not {enabled!r}")
+        return cls(
+            enabled=enabled in ("true", "1"),
+            concurrency=_number(get, "SMS_WORKER_CONCURRENCY", cls.concurrency, int, 1, 256),
+            lease_seconds=_number(get, "SMS_WORKER_LEASE_SECONDS", cls.lease_seconds, int, 2, 3600),
+            max_attempts=_number(get, "SMS_WORKER_MAX_ATTEMPTS", cls.max_attempts, int, 1, 100),
+            backoff_seconds=_number(get, "SMS_WORKER_BACKOFF_SECONDS", cls.backoff_seconds, float, 0.0, 3600.0),
+            sweep_seconds=_number(get, "SMS_WORKER_SWEEP_SECONDS", cls.sweep_seconds, float, 0.05, 60.0),
+        )
+
+
+def _number(get: Callable[[str], str], name: str, default: T, kind: Callable[[str], T], low: T, high: T) -> T:
+    text = get(name)
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {text!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, not {text}")
+    return value
+
+
+@dataclass(frozen=True)
 class Config:
     database_url: str
     hook_secrets: tuple[bytes, ...]
@@ -48,6 +91,7 @@ class Config:
     aliyun: AliyunConfig | None
     host: str = "127.0.0.1"
     port: int = 8090
+    worker: WorkerConfig = WorkerConfig()
 
     def __repr__(self) -> str:
         secrets = len(self.hook_secrets)
@@ -87,6 +131,7 @@ class Config:
             aliyun=aliyun,
             host=get("HOST") or "127.0.0.1",
             port=int(port_text),
+            worker=WorkerConfig.from_env(get),
         )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["Metrics"]
 
@@ -30,4 +30,16 @@ class Metrics:
         )  # fmt: skip
         self.provider_results = Counter(
             "sms_provider_results", "Provider results by code.", ["provider", "code"], registry=r
+        )
+        self.queue_depth = Gauge("sms_outbox_queued", "Messages waiting in sms.outbox.", registry=r)
+        self.queue_oldest = Gauge("sms_outbox_oldest_queued_seconds", "Age of the oldest queued message.", registry=r)
+        self.delivery_latency = Histogram(
+            "sms_delivery_latency_seconds", "From enqueue to accepted by the provider.", buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.delivery_retries = Counter(
+            "sms_delivery_retries", "Outbox deliveries scheduled again, by provider code.", ["code"], registry=r
+        )
+        self.delivery_failures = Counter(
+            "sms_delivery_failures", "Outbox messages given up, by provider code.", ["code"], registry=r
         )

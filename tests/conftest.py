@@ -32,6 +32,7 @@ SUPABASE_IMAGE = "supabase/postgres:15.8.1.085"
 class Database:
     url: str  # the `postgres` role: owns what the migrations create, as on Supabase
     superuser_url: str | None  # for extensions such as pgTAP; None when not available
+    cluster: LocalCluster | None = None  # only a local cluster can be crashed and restarted by tests
 
     def execute(self, query: str | sql.Composable, params: Any = None) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.url, autocommit=True) as conn:
@@ -96,7 +97,7 @@ def _resolve() -> Iterator[Database]:
     else:
         with LocalCluster() as cluster:
             standin.load(cluster.url())
-            yield Database(url=cluster.url("postgres"), superuser_url=cluster.url())
+            yield Database(url=cluster.url("postgres"), superuser_url=cluster.url(), cluster=cluster)
 
 
 @pytest.fixture(scope="session")
@@ -138,6 +139,11 @@ def settings(database: Database) -> Iterator[Any]:
         " from jsonb_populate_record(null::sms.settings, %s) as r) where s.id",
         [psycopg.types.json.Jsonb(saved)],
     )
+
+
+def drain_queue(database: Database) -> None:
+    """Give up every pending message, so a sidecar started by a test sees only that test's messages."""
+    database.execute("update sms.outbox set status = 'failed', code = null where status in ('queued', 'sending')")
 
 
 def fresh_phone() -> str:

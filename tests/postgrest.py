@@ -76,7 +76,8 @@ def _status_for(exc: psycopg.Error, role: str) -> int:
 
 class PostgREST:
     def __init__(self, url: str, max_size: int = 40) -> None:
-        self.pool = ConnectionPool(url, min_size=1, max_size=max_size, open=True)
+        # Checked on checkout, so calls after a database restart get a fresh connection, as PostgREST does.
+        self.pool = ConnectionPool(url, min_size=1, max_size=max_size, open=True, check=ConnectionPool.check_connection)
 
     def close(self) -> None:
         self.pool.close()

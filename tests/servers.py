@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import uvicorn
 from conftest import Database
@@ -48,3 +55,47 @@ def sidecar_url(database: Database) -> str:
     info = psycopg.conninfo.conninfo_to_dict(database.url)
     info.update(user="sms_sidecar", password=SIDECAR_PASSWORD)
     return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+
+
+class SidecarProcess:
+    """`sms-sidecar serve` as a real child process, for crash and scale-out tests."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.env = {**os.environ, **env, "PORT": str(self.port), "HOST": "127.0.0.1"}
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="sidecar-", suffix=".log", delete=False)
+
+    def start(self, timeout: float = 20) -> SidecarProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "serve"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"sidecar exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"sidecar not ready in {timeout} s:\n{self.output()}")
+
+    def kill(self, sig: int = signal.SIGKILL, wait: float = 30) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        return self.process.wait(wait)
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def __enter__(self) -> SidecarProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill(signal.SIGTERM)
+        self.log.close()
+        os.unlink(self.log.name)

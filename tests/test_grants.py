@@ -16,7 +16,7 @@ WRAPPERS = {
 }
 SIDECAR_FUNCTIONS = {
     "schema_version", "claim_messages", "finish_delivery", "release_messages", "purge", "hook_begin", "message_state",
-    "grpc_send_code", "grpc_verify_code",
+    "grpc_send_code", "grpc_verify_code", "queue_stats",
 }  # fmt: skip
 
 

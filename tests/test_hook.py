@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Database, fresh_phone
+from conftest import Database, drain_queue, fresh_phone
 from fake_aliyun import BusinessError, Delay, Drop, FakeAliyun, GatewayError, flow_control, refused_endpoint
 from gotrue import (
     GoTrueHookCaller,
@@ -63,6 +63,7 @@ def start(database: Database, endpoint: str, secrets: str = SECRET) -> Any:
 
 @pytest.fixture(scope="module")
 def sidecar(database: Database, fake: FakeAliyun) -> Iterator[str]:
+    drain_queue(database)  # its worker would otherwise deliver other modules' leftovers to the fake
     with start(database, fake.endpoint, f"{SECRET}|{OTHER_SECRET}") as url:
         yield url
 

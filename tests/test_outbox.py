@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Database, fresh_phone
+from conftest import Database, drain_queue, fresh_phone
 from postgrest import SERVICE, PostgREST
 from psycopg.rows import dict_row
 
@@ -25,7 +25,7 @@ def sidecar(database: Database) -> Iterator[psycopg.Connection[dict[str, Any]]]:
 @pytest.fixture(autouse=True)
 def _empty_queue(database: Database, settings: Any) -> None:
     # Claims take whatever is due; start each test with nothing left over from others.
-    database.execute("update sms.outbox set status = 'failed', code = null where status in ('queued', 'sending')")
+    drain_queue(database)
     settings(resend_cooldown_seconds=None, daily_limit_per_phone=None)
 
 

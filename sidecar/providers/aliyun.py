@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sidecar.config import AliyunConfig
@@ -19,6 +20,8 @@ from sidecar.providers.base import Outcome, SendResult, Sms, Timeouts
 __all__ = ["AliyunProvider", "classify_business_error"]
 
 log = logging.getLogger(__name__)
+
+_CHINA = timezone(timedelta(hours=8))  # Aliyun keeps send records by China Standard Time day
 
 _NUMBER = {"isv.MOBILE_NUMBER_ILLEGAL", "isv.MOBILE_COUNT_OVER_LIMIT", "isv.DOMESTIC_NUMBER_NOT_SUPPORTED"}
 _ACCOUNT_CAP = {"isv.DAY_LIMIT_CONTROL", "isv.MONTH_LIMIT_CONTROL"}
@@ -162,3 +165,26 @@ class AliyunProvider:
             return SendResult(Outcome.ACCEPTED, code, message, biz_id=body.biz_id, request_id=request_id)
         result = classify_business_error(code or "EmptyResponse", message)
         return SendResult(**{**result.__dict__, "request_id": request_id})
+
+    def find_sent(self, phone: str, out_ids: list[str], since: datetime) -> SendResult | None:
+        """QuerySendDetails for each China-time day since `since`, matched on our OutId."""
+        from alibabacloud_dysmsapi20170525.models import QuerySendDetailsRequest
+        from darabonba.runtime import RuntimeOptions
+
+        number = phone[2:] if phone.startswith("86") else phone
+        wanted = set(out_ids)
+        day = since.astimezone(_CHINA).date()
+        runtime = RuntimeOptions(connect_timeout=2000, read_timeout=5000, autoretry=False)
+        while day <= datetime.now(_CHINA).date():
+            request = QuerySendDetailsRequest(phone_number=number, send_date=day.strftime("%Y%m%d"), page_size=50,
+                                              current_page=1)  # fmt: skip
+            body = self._get_client().query_send_details_with_options(request, runtime).body
+            if body.code != "OK":
+                raise RuntimeError(f"QuerySendDetails answered {body.code}: {body.message}")
+            details = body.sms_send_detail_dtos.sms_send_detail_dto if body.sms_send_detail_dtos else []
+            for item in details or []:
+                if item.out_id in wanted and item.send_status != 2:  # 2: the carrier reported failure
+                    return SendResult(Outcome.ACCEPTED, "RECONCILED", f"found by QuerySendDetails ({item.err_code})",
+                                      request_id=_none_if_missing(body.request_id))  # fmt: skip
+            day += timedelta(days=1)
+        return None

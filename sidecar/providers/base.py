@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
@@ -55,6 +56,13 @@ class Provider(Protocol):
 
     def send(self, sms: Sms, timeouts: Timeouts) -> SendResult:
         """Blocking; called from a worker thread. Never raises for provider or network failures."""
+        ...
+
+    def find_sent(self, phone: str, out_ids: list[str], since: datetime) -> SendResult | None:
+        """After an ambiguous attempt: the provider's record of a send with one of these OutIds, if any.
+
+        Blocking. Raises when the provider cannot be asked (the caller retries later).
+        """
         ...
 
 

@@ -753,7 +753,9 @@ returns table (
     code text,
     sign_name text,
     template_code text,
-    needs_reconcile boolean
+    created_at timestamptz,
+    needs_reconcile boolean,
+    ambiguous_delivery_ids bigint[]
 )
 language plpgsql
 volatile
@@ -804,8 +806,8 @@ begin
         set status = 'sending', attempts = o.attempts + 1, locked_by = p_worker,
             lease_until = now() + make_interval(secs => p_lease_seconds)
         where o.id = m.id
-        returning o.id, o.attempts, o.source, o.phone, o.purpose, o.code
-        into message_id, attempt, source, phone, purpose, code;
+        returning o.id, o.attempts, o.source, o.phone, o.purpose, o.code, o.created_at
+        into message_id, attempt, source, phone, purpose, code, created_at;
 
         insert into sms.deliveries (message_id, attempt, worker)
         values (m.id, attempt, p_worker)
@@ -816,9 +818,10 @@ begin
         from sms.outbox as o left join sms.templates as t on t.purpose = o.purpose
         where o.id = m.id;
 
-        needs_reconcile := exists (
-            select from sms.deliveries as d where d.message_id = m.id and d.outcome = 'ambiguous'
-        );
+        -- Their ids went to the provider as OutId: the worker looks them up before sending again.
+        select coalesce(array_agg(d.id order by d.id), '{}') into ambiguous_delivery_ids
+        from sms.deliveries as d where d.message_id = m.id and d.outcome = 'ambiguous';
+        needs_reconcile := cardinality(ambiguous_delivery_ids) > 0;
         return next;
     end loop;
 end
@@ -920,6 +923,24 @@ end
 $$;
 comment on function sms.release_messages(text) is 'supabase-aliyun-sms: on shutdown, hands a worker''s claimed but unsent messages back to the queue.';
 
+create or replace function sms.queue_stats()
+returns jsonb
+language sql
+stable
+security definer
+set search_path = ''
+as $$
+    select jsonb_build_object(
+        'queued', count(*) filter (where o.status = 'queued'),
+        'sending', count(*) filter (where o.status = 'sending'),
+        'oldest_queued_seconds',
+            coalesce(extract(epoch from now() - min(o.created_at) filter (where o.status = 'queued')), 0)
+    )
+    from sms.outbox as o
+    where o.status in ('queued', 'sending')
+$$;
+comment on function sms.queue_stats() is 'supabase-aliyun-sms: outbox depth and the age of the oldest queued message, for the sidecar''s metrics.';
+
 create or replace function sms.purge(p_keep interval default '30 days')
 returns jsonb
 language plpgsql
@@ -1001,6 +1022,7 @@ grant execute on function
     sms.claim_messages(text, integer, integer),
     sms.finish_delivery(bigint, text, text, text, text, text, text, integer, integer, integer),
     sms.release_messages(text),
+    sms.queue_stats(),
     sms.purge(interval),
     sms.grpc_send_code(text, text, text),
     sms.grpc_verify_code(text, text)

@@ -1,0 +1,68 @@
+# supabase-aliyun-sms sidecar image.
+#
+#   docker build -t supabase-aliyun-sms .
+#   docker run --rm -e DATABASE_URL=... -e SEND_SMS_HOOK_SECRETS=... -p 8090:8090 supabase-aliyun-sms
+#
+# `serve` (the default command) runs the Send SMS hook target, /healthz, /readyz, /metrics and the
+# delivery worker; `migrate` applies the bundled SQL migrations. See compose.yaml for the wiring
+# next to Supabase's self-hosted docker-compose.yml.
+
+############################################################################################
+# Builder: a wheelhouse of the project and every dependency, installed into /install.
+# Every dependency has a manylinux or pure-Python wheel (or a pure-Python sdist), so no
+# compiler is needed even here.
+############################################################################################
+FROM python:3.11-slim AS builder
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+WORKDIR /src
+
+# Only what the wheel is built from (pyproject force-includes supabase/migrations as
+# sidecar/migrations; README.md is the package's readme).
+COPY pyproject.toml README.md ./
+COPY sidecar ./sidecar
+COPY supabase/migrations ./supabase/migrations
+
+RUN pip wheel --wheel-dir /wheels . \
+ && pip install --no-index --find-links /wheels --prefix /install supabase-aliyun-sms \
+ && test -n "$(ls /install/lib/python3.11/site-packages/sidecar/migrations/*.sql)" \
+ && test -f /install/lib/python3.11/site-packages/sidecar/standin.sql
+
+############################################################################################
+# Runtime: the installed packages only; no build tools, no wheels, no source tree.
+############################################################################################
+FROM python:3.11-slim
+
+LABEL org.opencontainers.image.title="supabase-aliyun-sms" \
+      org.opencontainers.image.description="Supabase Auth Send SMS hook target and verification-code delivery through Alibaba Cloud SMS" \
+      org.opencontainers.image.licenses="MIT"
+
+RUN groupadd --system --gid 10001 sidecar \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin sidecar
+
+COPY --from=builder /install /usr/local
+
+# Fail the build, not the first start, if the package or its bundled migrations are missing.
+RUN python -c "import sidecar.app, sidecar.cli; from sidecar.migrate import bundled; assert bundled(), 'no migrations'" \
+ && sms-sidecar --help > /dev/null
+
+ENV HOST=0.0.0.0 \
+    PORT=8090 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+USER 10001:10001
+WORKDIR /tmp
+
+EXPOSE 8090
+
+# Liveness through python's stdlib (the slim image has no curl); urlopen raises on any non-2xx.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8090') + '/healthz', timeout=4)"]
+
+ENTRYPOINT ["sms-sidecar"]
+CMD ["serve", "--host", "0.0.0.0"]

@@ -1,0 +1,212 @@
+"""The delivery worker: drains sms.outbox through the provider, inside `sms-sidecar serve`.
+
+It wakes on NOTIFY sms_outbox (a queued code reaches the provider within milliseconds) and sweeps
+on a timer for whatever arrived while it was not listening. Claims use `for update skip locked`
+and leases, so any number of replicas share one queue and a crashed one's messages come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg_pool import PoolTimeout
+
+from sidecar.config import WorkerConfig
+from sidecar.db import call
+from sidecar.logs import mask_phone
+from sidecar.providers.base import Outcome, SendResult, Sms, Timeouts
+from sidecar.runtime import Runtime
+
+__all__ = ["DeliveryWorker"]
+
+log = logging.getLogger("sidecar.worker")
+
+SEND_TIMEOUTS = Timeouts(connect_ms=2000, read_ms=10000)
+
+
+class DeliveryWorker:
+    def __init__(self, rt: Runtime, config: WorkerConfig, *, backoff_cap: float = 300.0) -> None:
+        self.rt = rt
+        self.concurrency = config.concurrency
+        self.lease_seconds = config.lease_seconds
+        self.sweep_seconds = config.sweep_seconds
+        self.max_attempts = config.max_attempts
+        self.backoff_base = config.backoff_seconds
+        self.backoff_cap = backoff_cap
+        self.shutdown_grace = 12.0
+        self._in_flight: dict[asyncio.Task[None], dict[str, Any]] = {}
+        self._wake = asyncio.Event()
+        self.listening = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        listener = asyncio.create_task(self._listen(stop), name="sms-outbox-listen")
+        try:
+            while not stop.is_set():
+                try:
+                    await self._drain(stop)
+                    await self._update_gauges()
+                except (psycopg.Error, OSError, TimeoutError) as exc:
+                    log.warning("outbox unavailable, retrying", extra={"error": type(exc).__name__})
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.sweep_seconds)
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+        finally:
+            listener.cancel()
+            await self._shutdown()
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        """Holds a LISTEN connection, reconnecting (and sweeping, via the wake-up) after any loss."""
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.rt.config.database_url, autocommit=True, application_name="sms-sidecar-listen"
+                ) as conn:
+                    await conn.execute("listen sms_outbox")
+                    self.listening, delay = True, 0.5
+                    self._wake.set()  # anything queued while we were away
+                    async for _ in conn.notifies():
+                        self._wake.set()
+            except (psycopg.Error, OSError) as exc:
+                log.warning("LISTEN connection lost", extra={"error": type(exc).__name__})
+            finally:
+                self.listening = False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    async def _drain(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            free = self.concurrency - len(self._in_flight)
+            if free <= 0:
+                # Wait for a slot rather than claim messages nobody can start on.
+                await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
+                continue
+            claimed = await self._claim(free)
+            for message in claimed:
+                task = asyncio.create_task(self._deliver(message))
+                self._in_flight[task] = message
+                task.add_done_callback(lambda t: self._in_flight.pop(t, None))
+            if len(claimed) < free:
+                return
+
+    async def _claim(self, limit: int) -> list[dict[str, Any]]:
+        async with self.rt.pool.connection(timeout=5) as conn:
+            cur = await conn.execute(
+                "select * from sms.claim_messages(%(worker)s, %(limit)s, %(lease)s)",
+                {"worker": self.rt.worker_id, "limit": limit, "lease": self.lease_seconds},
+            )
+            return await cur.fetchall()
+
+    async def _deliver(self, message: dict[str, Any]) -> None:
+        sms = Sms(
+            phone=message["phone"], code=message["code"], out_id=str(message["delivery_id"]),
+            sign_name=message["sign_name"], template_code=message["template_code"],
+        )  # fmt: skip
+        started = time.monotonic()
+        try:
+            result = None
+            if message["needs_reconcile"]:
+                result = await self._reconcile(message)
+            if result is None:
+                message["started"] = True
+                result = await self.rt.run_blocking(self.rt.provider.send, sms, SEND_TIMEOUTS)
+        except Exception as exc:  # a provider bug must not kill the worker or lose the message
+            log.exception("delivery raised", extra={"delivery_id": message["delivery_id"]})
+            result = SendResult(Outcome.AMBIGUOUS, "WorkerError", type(exc).__name__, status=500)
+        latency_ms = int((time.monotonic() - started) * 1000)
+        status = await self._finish(message, result, latency_ms)
+        self._observe(message, result, status, latency_ms)
+
+    async def _reconcile(self, message: dict[str, Any]) -> SendResult | None:
+        """An earlier attempt may have gone out: ask the provider before sending again."""
+        out_ids = [str(i) for i in message["ambiguous_delivery_ids"]]
+        try:
+            found = await self.rt.run_blocking(self.rt.provider.find_sent, message["phone"], out_ids,
+                                               message["created_at"])  # fmt: skip
+        except Exception as exc:
+            return SendResult(Outcome.AMBIGUOUS, "ReconcileFailed", str(exc)[:300], status=503)
+        if found is not None:
+            log.info("ambiguous attempt found delivered; not resending",
+                     extra={"delivery_id": message["delivery_id"]})  # fmt: skip
+        return found
+
+    def _retry_in(self, attempt: int, result: SendResult) -> int:
+        if result.retry_after:
+            return result.retry_after
+        # Exponential backoff with full jitter, so a provider outage does not end in a thundering herd.
+        return int(random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))) + 1
+
+    async def _finish(self, message: dict[str, Any], result: SendResult, latency_ms: int) -> str:
+        params = {
+            "id": message["delivery_id"], "outcome": result.outcome.value, "provider": self.rt.provider.name,
+            "code": result.code, "message": result.message, "biz": result.biz_id, "rid": result.request_id,
+            "latency": latency_ms, "retry": self._retry_in(message["attempt"], result), "max": self.max_attempts,
+        }  # fmt: skip
+        query = (
+            "select sms.finish_delivery(p_delivery_id => %(id)s, p_outcome => %(outcome)s, p_provider => %(provider)s,"
+            " p_provider_code => %(code)s, p_provider_message => %(message)s, p_biz_id => %(biz)s,"
+            " p_provider_request_id => %(rid)s, p_latency_ms => %(latency)s, p_retry_in_seconds => %(retry)s,"
+            " p_max_attempts => %(max)s)"
+        )
+        # The result must be recorded; if the database is briefly away, keep trying while the lease lasts.
+        deadline = time.monotonic() + self.lease_seconds
+        while True:
+            try:
+                return str(await call(self.rt.pool, query, params, timeout=5.0))
+            except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError, TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    log.error("could not record a delivery; its lease will expire and it will be reconciled",
+                              extra={"delivery_id": message["delivery_id"], "error": type(exc).__name__})  # fmt: skip
+                    return "unknown"
+                await asyncio.sleep(0.5)
+
+    def _observe(self, message: dict[str, Any], result: SendResult, status: str, latency_ms: int) -> None:
+        m = self.rt.metrics
+        m.provider_results.labels(self.rt.provider.name, result.code).inc()
+        m.provider_latency.labels(self.rt.provider.name).observe(latency_ms / 1000)
+        fields = {"phone": mask_phone(message["phone"]), "delivery_id": message["delivery_id"],
+                  "attempt": message["attempt"], "source": message["source"], "provider_code": result.code,
+                  "status": status, "latency_ms": latency_ms, "biz_id": result.biz_id}  # fmt: skip
+        if result.accepted:
+            m.delivery_latency.observe((datetime.now(UTC) - message["created_at"]).total_seconds())
+            log.info("SMS accepted", extra=fields)
+        elif status == "queued":
+            m.delivery_retries.labels(result.code).inc()
+            log.warning("SMS not sent, will retry", extra={**fields, "provider_message": result.message})
+        else:
+            m.delivery_failures.labels(result.code).inc()
+            level = logging.CRITICAL if result.alert else logging.WARNING
+            log.log(level, "SMS failed: %s", result.message, extra=fields)
+
+    async def _update_gauges(self) -> None:
+        stats = await call(self.rt.pool, "select sms.queue_stats()", {}, timeout=5.0)
+        self.rt.metrics.queue_depth.set(stats["queued"])
+        self.rt.metrics.queue_oldest.set(float(stats["oldest_queued_seconds"]))
+
+    async def _shutdown(self) -> None:
+        """Stop claiming; let sends in flight finish; hand back whatever has not started."""
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=self.shutdown_grace)
+        unfinished = list(self._in_flight.items())
+        for task, _ in unfinished:
+            task.cancel()
+        for _, message in unfinished:
+            if message.get("started"):
+                # The provider may have it: queue it again behind a reconcile rather than resend blindly.
+                result = SendResult(Outcome.AMBIGUOUS, "ShutdownDuringSend", "the sidecar stopped mid-send", status=503)
+                await self._finish(message, result, 0)
+        try:
+            released = await call(self.rt.pool, "select sms.release_messages(%(w)s)", {"w": self.rt.worker_id},
+                                  timeout=5.0)  # fmt: skip
+            if released:
+                log.info("released claimed messages", extra={"count": released})
+        except Exception as exc:  # the leases expire on their own if the database is gone
+            log.warning("could not release claimed messages", extra={"error": type(exc).__name__})

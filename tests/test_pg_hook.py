@@ -1,0 +1,131 @@
+"""sms.send_sms_hook called exactly as GoTrue's pg-functions hook calls it: as supabase_auth_admin,
+inside the auth request's transaction, with a 2 s statement timeout and GoTrue's payload bytes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import Database, drain_queue, fresh_phone
+from fake_aliyun import FakeAliyun
+from gotrue import go_json, make_metadata, mfa_challenge, otp_login, phone_change
+from servers import run_app, sidecar_url
+from test_worker import AK, AK_SECRET, all_sent, wait_until
+
+from sidecar.app import create_app
+from sidecar.config import AliyunConfig, Config, WorkerConfig
+from sidecar.providers.aliyun import AliyunProvider
+
+
+def call_hook(database: Database, body: bytes) -> Any:
+    """One GoTrue phone-flow transaction: the hook's writes commit only if GoTrue succeeds."""
+    with psycopg.connect(database.url) as conn:
+        conn.execute("set role supabase_auth_admin")
+        conn.execute("set local statement_timeout to '2000'")
+        # GoTrue's query, with its $1 placeholder and the hook body as the text of that parameter.
+        with psycopg.RawCursor(conn) as cur:
+            (result,) = cur.execute('select "sms"."send_sms_hook"($1)', [body.decode()]).fetchone()  # type: ignore[misc]
+        if "error" not in result:
+            conn.commit()
+        return result
+
+
+@pytest.fixture(autouse=True)
+def _quiet(database: Database) -> None:
+    drain_queue(database)
+
+
+@pytest.mark.parametrize("version", [(2, 150, 0), (2, 185, 0), (2, 196, 0)], ids=str)
+def test_each_payload_shape_is_queued_for_the_worker(database: Database, version: Any) -> None:
+    phone = fresh_phone()
+    assert call_hook(database, go_json(otp_login(version, phone=phone, otp="314159"))) == {}
+    row = database.one("select to_jsonb(o) from sms.outbox as o where o.phone = %s", [phone])
+    assert (row["source"], row["status"], row["code"], row["purpose"]) == ("pg_hook", "queued", "314159", "default")
+
+
+def test_the_flat_shape_of_the_oldest_gotrue(database: Database) -> None:
+    phone = fresh_phone()
+    assert call_hook(database, json.dumps({"user_id": "u", "phone": phone, "otp": "123456"}).encode()) == {}
+    assert database.one("select count(*) from sms.outbox where phone = %s", [phone]) == 1
+
+
+def test_phone_change_and_mfa_queue_the_right_number_and_purpose(database: Database) -> None:
+    old, new, factor = fresh_phone(), fresh_phone(), fresh_phone()
+    assert call_hook(database, go_json(phone_change((2, 196, 0), old_phone=old, new_phone=new))) == {}
+    assert call_hook(database, go_json(mfa_challenge((2, 196, 0), factor_phone=factor, user_phone=""))) == {}
+    queued = dict(database.execute("select phone, purpose from sms.outbox where phone = any(%s)", [[old, new, factor]]))
+    assert queued == {new: "default", factor: "mfa"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [
+        ({"user": {"phone": ""}, "sms": {"otp": "123456", "phone": "12025550123"}}, 400),
+        ({"user": {"phone": ""}, "sms": {"otp": "123456", "phone": "not-a-number"}}, 400),
+        ({"user": {"phone": ""}, "sms": {"phone": "8613012345678"}}, 400),
+        ({"unexpected": True}, 400),
+    ],
+    ids=["not-allowed", "invalid", "no-otp", "unknown-shape"],
+)
+def test_refusals_are_error_objects_not_exceptions(database: Database, payload: Any, status: int) -> None:
+    result = call_hook(database, json.dumps(payload).encode())
+    assert result["error"]["http_code"] == status and result["error"]["message"]
+
+
+def test_limits_answer_429_with_a_message(database: Database) -> None:
+    phone = fresh_phone()
+    assert call_hook(database, go_json(otp_login((2, 196, 0), phone=phone))) == {}
+    result = call_hook(database, go_json(otp_login((2, 196, 0), phone=phone, otp="271828")))
+    assert result["error"]["http_code"] == 429 and "60" in result["error"]["message"]
+    assert database.one("select count(*) from sms.outbox where phone = %s", [phone]) == 1
+
+
+def test_per_ip_limit_uses_metadata_ip_address(database: Database, settings: Any) -> None:
+    settings(hourly_limit_per_ip=1)
+    ip = "203.0.113.99"
+    first = otp_login((2, 196, 0), phone=fresh_phone(), metadata=make_metadata(ip_address=ip))
+    second = otp_login((2, 196, 0), phone=fresh_phone(), metadata=make_metadata(ip_address=ip))
+    assert call_hook(database, go_json(first)) == {}
+    assert call_hook(database, go_json(second))["error"]["http_code"] == 429
+
+
+def test_a_repeated_event_is_queued_once(database: Database) -> None:
+    phone = fresh_phone()
+    body = go_json(otp_login((2, 196, 0), phone=phone))
+    assert call_hook(database, body) == {} and call_hook(database, body) == {}
+    assert database.one("select count(*) from sms.outbox where phone = %s", [phone]) == 1
+
+
+def test_test_numbers_are_not_queued(database: Database, settings: Any) -> None:
+    phone = fresh_phone()
+    settings(test_codes={phone: "000000"})
+    assert call_hook(database, go_json(otp_login((2, 196, 0), phone=phone))) == {}
+    assert database.one("select status from sms.outbox where phone = %s", [phone]) == "sent"
+
+
+def test_only_supabase_auth_admin_may_call_it(database: Database) -> None:
+    for role in ("anon", "authenticated", "service_role", "sms_sidecar"):
+        assert not database.one("select has_function_privilege(%s, 'sms.send_sms_hook(jsonb)', 'execute')", [role])
+    assert database.one("select has_function_privilege('supabase_auth_admin', 'sms.send_sms_hook(jsonb)', 'execute')")
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAliyun]:
+    with FakeAliyun(credentials={AK: AK_SECRET}) as server:
+        yield server
+
+
+def test_the_worker_delivers_what_the_pg_hook_queued(database: Database, fake: FakeAliyun) -> None:
+    aliyun = AliyunConfig(access_key_id=AK, access_key_secret=AK_SECRET, sign_name="签名", template_code="SMS_1",
+                          endpoint=fake.endpoint, protocol="http")  # fmt: skip
+    config = Config(database_url=sidecar_url(database), hook_secrets=(), provider="aliyun", aliyun=aliyun,
+                    worker=WorkerConfig(sweep_seconds=0.2))  # fmt: skip
+    phone = fresh_phone()
+    with run_app(create_app(config, AliyunProvider(aliyun))):
+        assert call_hook(database, go_json(otp_login((2, 196, 0), phone=phone, otp="161803"))) == {}
+        wait_until(lambda: all_sent(database, [phone]), 10, "delivery")
+    (sent,) = fake.sends
+    assert (sent.phone_numbers, sent.template_param) == (phone[2:], {"code": "161803"})
