@@ -665,6 +665,8 @@ volatile
 security definer
 set search_path = ''
 as $$
+declare
+    issued jsonb;
 begin
     -- The gRPC API names a sign and template per call; only pairs the operator put in sms.templates
     -- may be used (NULLs mean the sidecar's configured defaults), so it cannot text arbitrary templates.
@@ -676,7 +678,11 @@ begin
         perform sms.raise_api_error(400, 'template_not_allowed',
                                     'this signature and template pair is not configured in sms.templates');
     end if;
-    return sms.issue_code(p_phone, 'default', null, null, 'grpc', p_sign_name, p_template_code);
+    issued := sms.issue_code(p_phone, 'default', null, null, 'grpc', p_sign_name, p_template_code);
+    -- The gRPC call waits for the delivery outcome (sms.message_state), as the original service did.
+    return issued || jsonb_build_object(
+        'message_id', (select o.id from sms.outbox as o where o.code_id = (issued ->> 'request_id')::uuid)
+    );
 end
 $$;
 comment on function sms.grpc_send_code(text, text, text) is 'supabase-aliyun-sms: SendSMS of the phone-number gRPC API: a code of purpose default, bound to no user, with an operator-approved sign name and template.';
