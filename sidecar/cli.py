@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sidecar.config import Config, ConfigError
@@ -57,7 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve(config: Config) -> None:
+def serve(config: Config, on_started: Callable[[], None] | None = None) -> None:
     import uvicorn
 
     from sidecar.app import create_app
@@ -70,7 +72,28 @@ def serve(config: Config) -> None:
             timeout_graceful_shutdown=10, backlog=1024,
         )
     )  # fmt: skip
+    if on_started is not None:
+
+        def announce() -> None:  # once the port is open, so what it says works at once
+            while not server.started and not server.should_exit:
+                time.sleep(0.02)
+            if server.started:
+                on_started()
+
+        threading.Thread(target=announce, daemon=True).start()
     server.run()
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from sidecar.dev import run_dev
+
+    return run_dev()
+
+
+def _check(args: argparse.Namespace) -> int:
+    from sidecar.check import run_checks
+
+    return run_checks()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default: $HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default: $PORT or 8090)")
     serve.set_defaults(run=_serve)
+
+    dev = commands.add_parser("dev", help="run everything locally: throwaway Postgres, console provider, examples")
+    dev.set_defaults(run=_dev)
+
+    check = commands.add_parser("check", help="check configuration, database, migrations, grants and Aliyun")
+    check.set_defaults(run=_check)
 
     migrate = commands.add_parser("migrate", help="apply pending SQL migrations to DATABASE_URL")
     migrate.add_argument("--dir", type=Path, default=None, help="migrations folder (default: the bundled ones)")

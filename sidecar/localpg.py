@@ -25,13 +25,15 @@ class PostgresNotFound(RuntimeError):
     """No PostgreSQL server binaries were found."""
 
 
-def find_bindir(preferred_major: int = 15) -> Path:
-    """Where `initdb` lives: PATH first, then Debian's versioned directories, newest last resort."""
-    on_path = shutil.which("initdb")
+def find_bindir(
+    preferred_major: int = 15, search_root: Path = Path("/usr/lib/postgresql"), path: str | None = None
+) -> Path:
+    """Where `initdb` lives: PATH first, then Debian's versioned directories (15 preferred, else the newest)."""
+    on_path = shutil.which("initdb", path=path)
     if on_path:
         return Path(on_path).resolve().parent
     candidates = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        search_root.glob("*/bin/initdb"),
         key=lambda p: (p.parent.parent.name != str(preferred_major), -_major(p)),
     )
     if candidates:

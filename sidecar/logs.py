@@ -16,7 +16,10 @@ _TWO_DIGIT = {
     "51", "52", "53", "54", "55", "56", "57", "58", "60", "61", "62", "63", "64", "65", "66", "81", "82", "84",
     "86", "90", "91", "92", "93", "94", "95", "98",
 }  # fmt: skip
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+# uvicorn adds color_message, an ANSI-coloured copy of the message.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName", "color_message",
+}  # fmt: skip
 
 
 def mask_phone(phone: str | None) -> str:

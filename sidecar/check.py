@@ -1,0 +1,110 @@
+"""`sms-sidecar check`: is this deployment ready to go live? One line per check, with the fix."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import psycopg
+
+from sidecar.config import Config, ConfigError
+from sidecar.migrate import bundled
+
+__all__ = ["run_checks"]
+
+# What the sidecar calls; granted to sms_sidecar by the migrations.
+SIDECAR_FUNCTIONS = (
+    "sms.claim_messages(text, integer, integer)",
+    "sms.finish_delivery(bigint, text, text, text, text, text, text, integer, integer, integer)",
+    "sms.hook_begin(jsonb, text, text, integer)",
+    "sms.queue_stats()",
+)
+
+
+@dataclass
+class Result:
+    ok: bool
+    name: str
+    detail: str
+
+
+def run_checks(env: Mapping[str, str] | None = None, out: Callable[[str], None] = print) -> int:
+    env = os.environ if env is None else env
+    results: list[Result] = []
+
+    def report(result: Result) -> None:
+        results.append(result)
+        out(f"{'ok  ' if result.ok else 'FAIL'}  {result.name}: {result.detail}")
+
+    try:
+        config = Config.from_env(env)
+    except ConfigError as exc:
+        report(Result(False, "configuration", str(exc)))
+        return 1
+    report(Result(True, "configuration", f"provider {config.provider}, {len(config.hook_secrets)} hook secret(s)"))
+    if not config.hook_secrets:
+        report(Result(False, "hook secret", "SEND_SMS_HOOK_SECRETS is not set: the HTTP hook would refuse every "
+                      "request (set it to GoTrue's GOTRUE_HOOK_SEND_SMS_SECRETS value)"))  # fmt: skip
+
+    for result in _database_checks(config.database_url):
+        report(result)
+    report(_provider_check(config))
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _database_checks(url: str) -> list[Result]:
+    try:
+        conn = psycopg.connect(url, connect_timeout=5, autocommit=True)
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return [Result(False, "database", f"cannot connect ({first}); check DATABASE_URL, the password and that "
+                       "sms_sidecar may log in: alter role sms_sidecar with login password '...'")]  # fmt: skip
+    with conn:
+        results = [Result(True, "database", f"connected as {conn.info.user}")]
+        needed = bundled()[-1].version
+        row = conn.execute("select to_regprocedure('sms.schema_version()') is not null").fetchone()
+        have = conn.execute("select sms.schema_version()").fetchone()[0] if row and row[0] else None  # type: ignore[index]
+        if have is None or str(have) < needed:
+            results.append(Result(False, "migrations", f"database at {have or 'nothing'}, sidecar needs {needed}: "
+                                  "run `sms-sidecar migrate` with the postgres role's DATABASE_URL"))  # fmt: skip
+            return results
+        results.append(Result(True, "migrations", f"schema version {have}"))
+        missing = [
+            fn for fn in SIDECAR_FUNCTIONS
+            if not conn.execute("select has_function_privilege(current_user, %s, 'execute')", [fn]).fetchone()[0]  # type: ignore[index]
+        ]  # fmt: skip
+        if missing:
+            results.append(Result(False, "grants", f"{conn.info.user} cannot execute {', '.join(missing)}: connect "
+                                  "as sms_sidecar (granted by the migrations)"))  # fmt: skip
+        else:
+            superuser = conn.execute("select rolsuper or rolbypassrls from pg_roles where rolname = current_user")
+            broad = superuser.fetchone()[0]  # type: ignore[index]
+            detail = "can claim, send and record messages"
+            if broad:
+                detail += f" (but {conn.info.user} is a superuser or bypasses RLS: prefer the sms_sidecar role)"
+            results.append(Result(True, "grants", detail))
+        return results
+
+
+def _provider_check(config: Config) -> Result:
+    if config.provider == "console":
+        return Result(True, "provider", "console: messages are printed, nothing is sent")
+    from sidecar.providers.aliyun import AliyunProvider
+
+    assert config.aliyun is not None
+    provider = AliyunProvider(config.aliyun)
+    try:
+        # QuerySendDetails is read-only and needs the same credentials and RAM permission family as SendSms.
+        provider.find_sent("8613800000000", ["sms-sidecar-check"], datetime.now(UTC))
+    except Exception as exc:
+        code = getattr(exc, "code", None) or type(exc).__name__
+        hint = {
+            "InvalidAccessKeyId.NotFound": "ALIYUN_ACCESS_KEY_ID does not exist",
+            "SignatureDoesNotMatch": "ALIYUN_ACCESS_KEY_SECRET is wrong",
+            "Forbidden.RAM": "give the RAM user the AliyunDysmsFullAccess policy (or dysms:SendSms and "
+            "dysms:QuerySendDetails)",
+        }.get(str(code), f"{str(exc).strip()[:200]}")
+        return Result(False, "aliyun", f"{config.aliyun.endpoint}: {code}: {hint}")
+    return Result(True, "aliyun", f"credentials accepted by {config.aliyun.endpoint} (QuerySendDetails)")

@@ -1,0 +1,147 @@
+"""The newcomer commands: `sms-sidecar dev` end to end, `sms-sidecar check`, and their failures."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Database
+from fake_aliyun import FakeAliyun
+from gotrue import generate_secret
+from servers import free_port, sidecar_url
+
+from sidecar.localpg import PostgresNotFound, find_bindir
+
+AK, AK_SECRET = "LTAI-check-test", "check-test-secret"
+
+
+def read_until(process: subprocess.Popen[str], marker: str, timeout: float = 60) -> str:
+    assert process.stdout is not None
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            if process.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"{marker!r} never appeared:\n{''.join(seen)}")
+
+
+@pytest.fixture
+def dev() -> Iterator[tuple[subprocess.Popen[str], str]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "ALIYUN_", "SEND_SMS", "SMS_"))}
+    env.update(PORT=str(free_port()), PATH=f"{find_bindir()}:{env.get('PATH', '')}", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "sidecar", "dev"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        yield process, read_until(process, "Ctrl-C stops")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+def shell(command: str) -> str:
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_dev_runs_the_whole_flow_and_cleans_up(dev: tuple[subprocess.Popen[str], str]) -> None:
+    process, welcome = dev
+    datadir = Path(re.search(r"data in (\S+)\)", welcome).group(1))  # type: ignore[union-attr]
+    assert datadir.exists()
+    commands = [line.strip() for line in welcome.splitlines()]
+    hook = next(c for c in commands if c.startswith("python3 -c"))
+    request, verify = (c for c in commands if c.startswith("psql"))
+
+    assert shell(hook).strip() == "{}"  # the printed, signed hook call is accepted
+    read_until(process, "hook SMS accepted")
+    shell(request)
+    printed = read_until(process, "[console SMS]")
+    code = re.findall(r"\[console SMS\] to \+86\*+8000 .*code (\d{6})", printed)[-1]
+    assert '{"valid": true}' in shell(verify.replace("<code printed below>", code))
+
+    process.send_signal(signal.SIGINT)
+    assert "Stopped; the throwaway database is gone." in read_until(process, "Stopped")
+    process.wait(20)
+    assert not datadir.exists()
+
+
+def test_without_postgres_binaries_the_error_says_how_to_install(tmp_path: Path) -> None:
+    with pytest.raises(PostgresNotFound, match="apt-get install postgresql-15"):
+        find_bindir(search_root=tmp_path, path=str(tmp_path))
+
+
+def check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "ALIYUN_", "SEND_SMS", "SMS_"))}
+    return subprocess.run([sys.executable, "-m", "sidecar", "check"], env={**base, **env}, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeAliyun]:
+    with FakeAliyun(credentials={AK: AK_SECRET}) as server:
+        yield server
+
+
+def live_env(database: Database, fake: FakeAliyun, **extra: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": sidecar_url(database), "SEND_SMS_HOOK_SECRETS": generate_secret(),
+        "ALIYUN_ACCESS_KEY_ID": AK, "ALIYUN_ACCESS_KEY_SECRET": AK_SECRET, "ALIYUN_SMS_SIGN_NAME": "签名",
+        "ALIYUN_SMS_TEMPLATE_CODE": "SMS_1", "ALIYUN_SMS_ENDPOINT": fake.url, **extra,
+    }  # fmt: skip
+
+
+def test_check_passes_on_a_ready_deployment(database: Database, fake: FakeAliyun) -> None:
+    result = check(live_env(database, fake))
+    assert result.returncode == 0, result.stdout
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0].split()[-1] for line in lines] == [
+        "configuration", "database", "migrations", "grants", "aliyun",
+    ]  # fmt: skip
+    assert all(line.startswith("ok") for line in lines)
+    assert AK_SECRET not in result.stdout
+
+
+def test_check_names_a_wrong_aliyun_secret(database: Database, fake: FakeAliyun) -> None:
+    result = check(live_env(database, fake, ALIYUN_ACCESS_KEY_SECRET="wrong"))
+    assert result.returncode == 1
+    assert "FAIL  aliyun" in result.stdout and "ALIYUN_ACCESS_KEY_SECRET is wrong" in result.stdout
+
+
+def test_check_notices_pending_migrations(database: Database, fake: FakeAliyun) -> None:
+    url = database.url.rsplit("/", 1)[0] + "/template1"  # reachable, never migrated
+    result = check(live_env(database, fake, DATABASE_URL=url))
+    assert result.returncode == 1 and "FAIL  migrations" in result.stdout and "sms-sidecar migrate" in result.stdout
+
+
+def test_check_notices_an_unreachable_database(fake: FakeAliyun, database: Database) -> None:
+    result = check(live_env(database, fake, DATABASE_URL="postgresql://sms_sidecar@127.0.0.1:1/postgres"))
+    assert result.returncode == 1 and "FAIL  database: cannot connect" in result.stdout
+
+
+def test_check_warns_about_a_too_powerful_role(database: Database, fake: FakeAliyun) -> None:
+    result = check(live_env(database, fake, DATABASE_URL=database.url))
+    assert result.returncode == 0 and "prefer the sms_sidecar role" in result.stdout
+
+
+def test_check_reports_configuration_errors_first(database: Database, fake: FakeAliyun) -> None:
+    result = check(live_env(database, fake, ALIYUN_SMS_TEMPLATE_CODE=""))
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        "FAIL  configuration: ALIYUN_SMS_TEMPLATE_CODE is not set (needed by SMS_PROVIDER=aliyun; "
+        "use SMS_PROVIDER=console to develop)"
+    ]
