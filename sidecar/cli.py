@@ -25,10 +25,15 @@ def _database_url() -> str:
 def _migrate(args: argparse.Namespace) -> int:
     import psycopg
 
-    from sidecar.migrate import MigrationError, migrate
+    from sidecar.migrate import MigrationError, enable_sidecar_login, migrate
 
+    url = _database_url()
     try:
-        applied = migrate(_database_url(), args.dir)
+        applied = migrate(url, args.dir)
+        password = os.environ.get("SMS_SIDECAR_DB_PASSWORD", "")
+        if password:
+            enable_sidecar_login(url, password)
+            print("sms_sidecar may log in with SMS_SIDECAR_DB_PASSWORD")
     except MigrationError as exc:
         print(f"sms-sidecar migrate: failed in {exc}", file=sys.stderr)
         return 1

@@ -16,7 +16,9 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-__all__ = ["Migration", "MigrationError", "applied_versions", "bundled", "migrate", "pending"]
+__all__ = [
+    "Migration", "MigrationError", "applied_versions", "bundled", "enable_sidecar_login", "migrate", "pending",
+]  # fmt: skip
 
 _NAME = re.compile(r"^(?P<version>[0-9]{14})_(?P<name>.+)\.sql$")
 # Any constant works as long as every sidecar uses the same one.
@@ -87,6 +89,17 @@ def migrate(url: str, directory: Path | None = None) -> list[Migration]:
         finally:
             conn.execute("select pg_advisory_unlock(%s)", [_LOCK_KEY])
     return applied
+
+
+def enable_sidecar_login(url: str, password: str) -> None:
+    """Give the sms_sidecar role (created NOLOGIN by the migrations) a login with this password."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        # Hashed here (SCRAM, as psql's \password does), so the plain password never reaches the
+        # server's statement log.
+        verifier = conn.pgconn.encrypt_password(password.encode(), b"sms_sidecar", b"scram-sha-256")
+        conn.execute(
+            sql.SQL("alter role sms_sidecar with login password {}").format(sql.Literal(verifier.decode()))
+        )
 
 
 def _apply(conn: psycopg.Connection[tuple[object, ...]], migration: Migration) -> None:

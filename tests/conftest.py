@@ -68,10 +68,10 @@ def _with_user(url: str, user: str) -> str:
     return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
 
 
-def run_migrate(url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+def run_migrate(url: str, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sidecar", "migrate", *extra],
-        env={**os.environ, "DATABASE_URL": url},
+        env={**os.environ, "DATABASE_URL": url, **(env or {})},
         capture_output=True,
         text=True,
         timeout=120,

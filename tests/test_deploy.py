@@ -358,7 +358,14 @@ def test_env_example_holds_no_real_looking_secret(example: dict[str, str]) -> No
         assert PLACEHOLDER.search(example[key]), f"{key} should be an obvious placeholder, not {example[key]!r}"
     text = ENV_EXAMPLE.read_text(encoding="utf-8")
     assert 'echo "v1,whsec_$(openssl rand -base64 32)"' in text
-    assert "alter role sms_sidecar with login password" in text
+    assert "gives the role a login" in text
+
+
+def test_migrate_gives_the_sidecar_role_its_password(services: dict[str, Any]) -> None:
+    # One `docker compose up -d`: the sidecar's DATABASE_URL password is the one migrate sets.
+    migrate_env = services[MIGRATE]["environment"]
+    assert "${SMS_SIDECAR_DB_PASSWORD" in migrate_env["SMS_SIDECAR_DB_PASSWORD"]
+    assert "${SMS_SIDECAR_DB_PASSWORD" in services[SIDECAR]["environment"]["DATABASE_URL"]
 
 
 def test_env_example_works_once_filled_in(services: dict[str, Any], final: Stage, example: dict[str, str]) -> None:

@@ -113,3 +113,15 @@ def test_unreachable_database_is_one_clear_line() -> None:
 def test_missing_database_url_is_named() -> None:
     result = run_migrate("")
     assert result.returncode != 0 and "DATABASE_URL" in result.stderr
+
+
+def test_migrate_can_give_the_sidecar_role_its_login(empty_db: tuple[str, str]) -> None:
+    url, su_url = empty_db
+    result = run_migrate(url, env={"SMS_SIDECAR_DB_PASSWORD": "s3cret-from-env"})
+    assert result.returncode == 0, result.stderr
+    assert "s3cret-from-env" not in result.stdout + result.stderr
+    can_login = scalar(su_url, "select rolcanlogin from pg_authid where rolname = 'sms_sidecar'")
+    stored = scalar(su_url, "select rolpassword from pg_authid where rolname = 'sms_sidecar'")
+    assert can_login is True
+    # Only the SCRAM verifier reached the server, never the password itself.
+    assert str(stored).startswith("SCRAM-SHA-256$") and "s3cret-from-env" not in str(stored)
