@@ -26,8 +26,9 @@ COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
 COPY supabase/migrations ./supabase/migrations
 
-RUN pip wheel --wheel-dir /wheels . \
- && pip install --no-index --find-links /wheels --prefix /install supabase-aliyun-sms \
+# With the [grpc] extra, so the image can also run `sms-sidecar grpc` (grpcio ships binary wheels).
+RUN pip wheel --wheel-dir /wheels ".[grpc]" \
+ && pip install --no-index --find-links /wheels --prefix /install "supabase-aliyun-sms[grpc]" \
  && test -n "$(ls /install/lib/python3.11/site-packages/sidecar/migrations/*.sql)" \
  && test -f /install/lib/python3.11/site-packages/sidecar/standin.sql
 

@@ -68,6 +68,12 @@ def create_app(config: Config, provider: Provider | None = None) -> Starlette:
         if warm is not None:
             await rt.run_blocking(warm)
         app.state.runtime = rt
+        grpc_server = None
+        if config.grpc.port is not None:
+            from sidecar.grpc_api.server import GrpcServer  # the [grpc] extra: imported only when configured
+
+            grpc_server = GrpcServer(rt, config.host, config.grpc.port)
+            await grpc_server.start()
         stop = asyncio.Event()
         worker_task = None
         if config.worker.enabled:
@@ -77,6 +83,8 @@ def create_app(config: Config, provider: Provider | None = None) -> Starlette:
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop()  # before the worker: calls in flight wait for their delivery
             stop.set()
             if worker_task is not None:
                 await worker_task

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import threading
@@ -60,7 +61,33 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port:
         env["PORT"] = str(args.port)
     config = _config(env)
+    if config.grpc.port is not None:
+        _require_grpc()
     serve(config)
+    return 0
+
+
+def _require_grpc() -> None:
+    """gRPC is an extra: without it, say how to install it rather than print a traceback."""
+    try:
+        importlib.import_module("sidecar.grpc_api.server")
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in ("grpc", "grpc_health", "grpc_reflection", "google"):
+            raise
+        raise SystemExit("sms-sidecar: gRPC is not installed: pip install 'supabase-aliyun-sms[grpc]'") from None
+
+
+def _grpc(args: argparse.Namespace) -> int:
+    _require_grpc()
+    env = dict(os.environ)
+    if args.host:
+        env["HOST"] = args.host
+    env["GRPC_PORT"] = str(args.port) if args.port else env.get("GRPC_PORT", "").strip() or "50511"
+    config = _config(env)
+
+    from sidecar.grpc_api.server import run
+
+    run(config)
     return 0
 
 
@@ -112,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default: $HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default: $PORT or 8090)")
     serve.set_defaults(run=_serve)
+
+    grpc_parser = commands.add_parser(
+        "grpc", help="run the phone-number gRPC service (SendSMS, Valid) and the delivery worker"
+    )
+    grpc_parser.add_argument("--host", help="listen address (default: $HOST or 127.0.0.1)")
+    grpc_parser.add_argument("--port", type=int, help="listen port (default: $GRPC_PORT or 50511)")
+    grpc_parser.set_defaults(run=_grpc)
 
     dev = commands.add_parser("dev", help="run everything locally: throwaway Postgres, console provider, examples")
     dev.set_defaults(run=_dev)

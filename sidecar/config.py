@@ -9,18 +9,20 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
 from sidecar.webhook import WebhookSecretError, parse_secrets
 
-__all__ = ["AliyunConfig", "Config", "ConfigError", "WorkerConfig"]
+__all__ = ["AliyunConfig", "Config", "ConfigError", "GrpcConfig", "WorkerConfig"]
 
 T = TypeVar("T", int, float)
 
 DEFAULT_ENDPOINT = "dysmsapi.aliyuncs.com"
 _TEMPLATE_CODE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 _PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
+_GRPC_TOKEN = re.compile(r"^[\x21-\x7e]{16,512}$")  # visible ASCII: it travels in a metadata header
 
 
 class ConfigError(ValueError):
@@ -70,6 +72,63 @@ class WorkerConfig:
         )
 
 
+@dataclass(frozen=True)
+class GrpcConfig:
+    """The gRPC drop-in for the phone-number service (GRPC_*); no port: not served."""
+
+    port: int | None = None
+    auth_token: str | None = None  # None only with allow_unauthenticated
+    allow_unauthenticated: bool = False
+    tls_cert_file: str | None = None  # both or neither
+    tls_key_file: str | None = None
+
+    def __repr__(self) -> str:  # keep the token out of tracebacks and debug output
+        token = "set" if self.auth_token else "none"
+        return f"GrpcConfig(port={self.port}, token={token}, tls={self.tls_cert_file is not None})"
+
+    @classmethod
+    def from_env(cls, get: Callable[[str], str]) -> GrpcConfig:
+        port_text = get("GRPC_PORT")
+        if port_text and (not port_text.isdigit() or not 0 < int(port_text) < 65536):
+            raise ConfigError(f"GRPC_PORT must be a TCP port number, not {port_text!r}")
+        port = int(port_text) if port_text else None
+
+        allow = (get("GRPC_ALLOW_UNAUTHENTICATED") or "false").lower()
+        if allow not in ("true", "false", "1", "0"):
+            raise ConfigError(f"GRPC_ALLOW_UNAUTHENTICATED must be true or false, not {allow!r}")
+        token = get("GRPC_AUTH_TOKEN") or None
+        if token is not None and not _GRPC_TOKEN.match(token):
+            raise ConfigError(
+                "GRPC_AUTH_TOKEN must be 16 to 512 visible ASCII characters without spaces "
+                "(for example: openssl rand -hex 32)"
+            )
+        if port is not None and token is None and allow not in ("true", "1"):
+            raise ConfigError(
+                "GRPC_AUTH_TOKEN is not set: gRPC clients must send it as a bearer token "
+                "(GRPC_ALLOW_UNAUTHENTICATED=true serves without one, on a private network only)"
+            )
+
+        cert, key = get("GRPC_TLS_CERT_FILE") or None, get("GRPC_TLS_KEY_FILE") or None
+        if (cert is None) != (key is None):
+            missing = "GRPC_TLS_KEY_FILE" if key is None else "GRPC_TLS_CERT_FILE"
+            raise ConfigError(f"{missing} is not set: the TLS certificate and its key go together")
+        if cert is not None and key is not None:
+            _pem_file("GRPC_TLS_CERT_FILE", cert, b"CERTIFICATE-----")
+            _pem_file("GRPC_TLS_KEY_FILE", key, b"PRIVATE KEY-----")
+        return cls(port=port, auth_token=token, allow_unauthenticated=allow in ("true", "1"), tls_cert_file=cert,
+                   tls_key_file=key)  # fmt: skip
+
+
+def _pem_file(name: str, path: str, label: bytes) -> None:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    if b"-----BEGIN " not in data or label not in data:
+        kind = label.decode().rstrip("-").lower()
+        raise ConfigError(f"{name}: {path} is not a PEM {kind} file")
+
+
 def _number(get: Callable[[str], str], name: str, default: T, kind: Callable[[str], T], low: T, high: T) -> T:
     text = get(name)
     if not text:
@@ -92,6 +151,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8090
     worker: WorkerConfig = WorkerConfig()
+    grpc: GrpcConfig = GrpcConfig()
 
     def __repr__(self) -> str:
         secrets = len(self.hook_secrets)
@@ -132,6 +192,7 @@ class Config:
             host=get("HOST") or "127.0.0.1",
             port=int(port_text),
             worker=WorkerConfig.from_env(get),
+            grpc=GrpcConfig.from_env(get),
         )
 
 

@@ -97,9 +97,7 @@ def enable_sidecar_login(url: str, password: str) -> None:
         # Hashed here (SCRAM, as psql's \password does), so the plain password never reaches the
         # server's statement log.
         verifier = conn.pgconn.encrypt_password(password.encode(), b"sms_sidecar", b"scram-sha-256")
-        conn.execute(
-            sql.SQL("alter role sms_sidecar with login password {}").format(sql.Literal(verifier.decode()))
-        )
+        conn.execute(sql.SQL("alter role sms_sidecar with login password {}").format(sql.Literal(verifier.decode())))
 
 
 def _apply(conn: psycopg.Connection[tuple[object, ...]], migration: Migration) -> None:

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -57,29 +57,51 @@ def sidecar_url(database: Database) -> str:
     return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
 
 
-class SidecarProcess:
-    """`sms-sidecar serve` as a real child process, for crash and scale-out tests."""
+def http_ready(sidecar: SidecarProcess) -> bool:
+    try:
+        return httpx.get(sidecar.url + "/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
-    def __init__(self, env: dict[str, str]) -> None:
+
+def port_open(sidecar: SidecarProcess) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", sidecar.port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+class SidecarProcess:
+    """`sms-sidecar serve` as a real child process, for crash and scale-out tests.
+
+    `args` runs another subcommand ("{port}" in it becomes the port); `ready` says when it is up.
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        args: Sequence[str] = ("serve",),
+        ready: Callable[[SidecarProcess], bool] = http_ready,
+    ) -> None:
         self.port = free_port()
         self.env = {**os.environ, **env, "PORT": str(self.port), "HOST": "127.0.0.1"}
         self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [arg.replace("{port}", str(self.port)) for arg in args]
+        self.ready = ready
         self.process: subprocess.Popen[bytes] | None = None
         self.log = tempfile.NamedTemporaryFile(prefix="sidecar-", suffix=".log", delete=False)
 
     def start(self, timeout: float = 20) -> SidecarProcess:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "serve"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "sidecar", *self.args], env=self.env, stdout=self.log, stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"sidecar exited with {self.process.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
+            if self.ready(self):
+                return self
             time.sleep(0.05)
         raise RuntimeError(f"sidecar not ready in {timeout} s:\n{self.output()}")
 

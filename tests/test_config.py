@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from gotrue import generate_secret
 
-from sidecar.config import DEFAULT_ENDPOINT, Config, ConfigError
+from sidecar.config import DEFAULT_ENDPOINT, Config, ConfigError, GrpcConfig
 from sidecar.logs import mask_phone
 
 SECRET = generate_secret()
@@ -95,6 +96,82 @@ def test_serve_fails_fast_with_one_line() -> None:
     assert result.returncode != 0
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("sms-sidecar: ALIYUN_ACCESS_KEY_ID is not set")
+
+
+GRPC_TOKEN = "grpc-config-token-8d2f6a1c"
+
+
+def pem_files(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "server.crt", directory / "server.key"
+    cert.write_text("-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n")
+    key.write_text("-----BEGIN PRIVATE KEY-----\nMIIEfake\n-----END PRIVATE KEY-----\n")
+    return cert, key
+
+
+def test_grpc_is_off_without_a_port() -> None:
+    config = Config.from_env(ALIYUN)
+    assert config.grpc == GrpcConfig() and config.grpc.port is None
+
+
+def test_a_complete_grpc_configuration(tmp_path: Path) -> None:
+    cert, key = pem_files(tmp_path)
+    env = {"GRPC_PORT": "50511", "GRPC_AUTH_TOKEN": GRPC_TOKEN, "GRPC_TLS_CERT_FILE": str(cert),
+           "GRPC_TLS_KEY_FILE": str(key)}  # fmt: skip
+    config = Config.from_env(ALIYUN | env)
+    assert config.grpc == GrpcConfig(port=50511, auth_token=GRPC_TOKEN, allow_unauthenticated=False,
+                                     tls_cert_file=str(cert), tls_key_file=str(key))  # fmt: skip
+    assert GRPC_TOKEN not in repr(config.grpc) and GRPC_TOKEN not in repr(config)
+
+
+@pytest.mark.parametrize("value", ["true", "TRUE", "1"])
+def test_grpc_without_a_token_only_when_allowed(value: str) -> None:
+    grpc = Config.from_env(ALIYUN | {"GRPC_PORT": "50511", "GRPC_ALLOW_UNAUTHENTICATED": value}).grpc
+    assert (grpc.port, grpc.auth_token, grpc.allow_unauthenticated) == (50511, None, True)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"GRPC_PORT": "grpc"}, "GRPC_PORT"),
+        ({"GRPC_PORT": "65536"}, "GRPC_PORT"),
+        ({"GRPC_PORT": "50511", "GRPC_AUTH_TOKEN": ""}, "GRPC_AUTH_TOKEN"),
+        ({"GRPC_PORT": "50511", "GRPC_AUTH_TOKEN": "", "GRPC_ALLOW_UNAUTHENTICATED": "false"}, "GRPC_AUTH_TOKEN"),
+        ({"GRPC_AUTH_TOKEN": "too-short"}, "GRPC_AUTH_TOKEN"),
+        ({"GRPC_AUTH_TOKEN": "a token with spaces in it"}, "GRPC_AUTH_TOKEN"),
+        ({"GRPC_AUTH_TOKEN": "令牌令牌令牌令牌令牌令牌令牌令牌"}, "GRPC_AUTH_TOKEN"),
+        ({"GRPC_ALLOW_UNAUTHENTICATED": "yes"}, "GRPC_ALLOW_UNAUTHENTICATED"),
+        ({"GRPC_TLS_CERT_FILE": "{dir}/server.crt"}, "GRPC_TLS_KEY_FILE"),
+        ({"GRPC_TLS_KEY_FILE": "{dir}/server.key"}, "GRPC_TLS_CERT_FILE"),
+        ({"GRPC_TLS_CERT_FILE": "{dir}/missing.crt", "GRPC_TLS_KEY_FILE": "{dir}/server.key"}, "GRPC_TLS_CERT_FILE"),
+        ({"GRPC_TLS_CERT_FILE": "{dir}/server.crt", "GRPC_TLS_KEY_FILE": "{dir}"}, "GRPC_TLS_KEY_FILE"),
+        ({"GRPC_TLS_CERT_FILE": "{dir}/server.key", "GRPC_TLS_KEY_FILE": "{dir}/server.key"}, "GRPC_TLS_CERT_FILE"),
+        ({"GRPC_TLS_CERT_FILE": "{dir}/server.crt", "GRPC_TLS_KEY_FILE": "{dir}/server.crt"}, "GRPC_TLS_KEY_FILE"),
+    ],
+    ids=["port-word", "port-range", "no-token", "not-allowed", "token-short", "token-spaces", "token-non-ascii",
+         "allow-word", "cert-alone", "key-alone", "cert-missing", "key-directory", "cert-not-pem-cert",
+         "key-not-pem-key"],
+)  # fmt: skip
+def test_grpc_problems_name_the_variable(change: dict[str, str], named: str, tmp_path: Path) -> None:
+    pem_files(tmp_path)
+    env = ALIYUN | {"GRPC_AUTH_TOKEN": GRPC_TOKEN} | {k: v.replace("{dir}", str(tmp_path)) for k, v in change.items()}
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env(env)
+    message = str(caught.value)
+    assert message.startswith(named), message
+    assert GRPC_TOKEN not in message and "\n" not in message
+    if "GRPC_AUTH_TOKEN" in change and change["GRPC_AUTH_TOKEN"]:
+        assert change["GRPC_AUTH_TOKEN"] not in message
+
+
+@pytest.mark.parametrize("command", ["grpc", "serve"])
+def test_grpc_without_a_token_fails_fast_with_one_line(command: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALIYUN_", "SEND_SMS", "SMS_", "GRPC_"))}
+    env.update(DATABASE_URL="postgresql:///x", SMS_PROVIDER="console", GRPC_PORT="50511")
+    result = subprocess.run([sys.executable, "-m", "sidecar", command], env=env, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode != 0
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("sms-sidecar: GRPC_AUTH_TOKEN is not set"), line
 
 
 @pytest.mark.parametrize(

@@ -133,10 +133,6 @@ def test_public_has_no_execute_on_anything_of_ours(database: Database) -> None:
     assert rows == []
 
 
-def test_the_sidecar_role_cannot_log_in_until_an_operator_allows_it(database: Database) -> None:
-    assert database.one("select rolcanlogin from pg_roles where rolname = 'sms_sidecar'") is False
-
-
 def test_exposed_schema_has_no_sensitive_tables(database: Database) -> None:
     exposed = database.execute(
         "select c.relname from pg_class as c join pg_attribute as a on a.attrelid = c.oid"

@@ -115,6 +115,16 @@ def test_missing_database_url_is_named() -> None:
     assert result.returncode != 0 and "DATABASE_URL" in result.stderr
 
 
+def test_the_sidecar_role_cannot_log_in_until_an_operator_allows_it(empty_db: tuple[str, str]) -> None:
+    # Roles are cluster-wide and other tests log in as sms_sidecar, so start from NOLOGIN here:
+    # migrating (without SMS_SIDECAR_DB_PASSWORD) must not hand out a login.
+    url, su_url = empty_db
+    with psycopg.connect(su_url, autocommit=True) as conn:
+        conn.execute("alter role sms_sidecar nologin")
+    assert run_migrate(url).returncode == 0
+    assert scalar(url, "select rolcanlogin from pg_roles where rolname = 'sms_sidecar'") is False
+
+
 def test_migrate_can_give_the_sidecar_role_its_login(empty_db: tuple[str, str]) -> None:
     url, su_url = empty_db
     result = run_migrate(url, env={"SMS_SIDECAR_DB_PASSWORD": "s3cret-from-env"})
