@@ -70,6 +70,27 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _essentials(event: Any) -> Any:
+    """Only the fields the database reads, keeping the payload's shape (which tells GoTrue's version).
+
+    The rest (user_metadata above all) is the user's to fill: NUL characters or deep nesting there
+    must not keep anyone from getting a code, and need not travel to the database.
+    """
+    if not isinstance(event, dict):
+        return event
+    kept: dict[str, Any] = {k: event[k] for k in ("otp", "phone") if k in event}
+    for name, fields in (("metadata", ("uuid", "ip_address")), ("user", ("phone",)),
+                         ("sms", ("otp", "phone", "sms_type"))):  # fmt: skip
+        part = event.get(name)
+        if isinstance(part, dict):
+            kept[name] = {k: part[k] for k in fields if k in part}
+    return kept
+
+
 async def send_sms_hook(request: Request) -> Response:
     rt: Runtime = request.app.state.runtime
     started = time.monotonic()
@@ -88,11 +109,11 @@ async def send_sms_hook(request: Request) -> Response:
         except WebhookVerificationError as exc:
             raise _Failure(401, "invalid webhook signature", "signature") from exc
         try:
-            event = json.loads(body)
-        except ValueError:
+            event = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python parses
             raise _Failure(400, "the hook payload is not JSON", "invalid_payload") from None
         has_metadata = isinstance(event, dict) and isinstance(event.get("metadata"), dict)
-        outcome = await _deliver(rt, event, hashlib.sha256(body).hexdigest(), deadline)
+        outcome = await _deliver(rt, _essentials(event), hashlib.sha256(body).hexdigest(), deadline)
         return JSONResponse({})
     except _Failure as failure:
         outcome = failure.reason
@@ -147,6 +168,9 @@ async def _db(rt: Runtime, query: str, params: dict[str, Any], deadline: float) 
         return await asyncio.wait_for(call(rt.pool, query, params, timeout=remaining), timeout=remaining)
     except ApiError:
         raise
+    except psycopg.DataError:
+        # SQLSTATE class 22: a value Postgres cannot hold (a NUL, a bad surrogate), not an outage.
+        raise _Failure(400, "the hook payload holds a value that is not valid text", "invalid_payload") from None
     except (TimeoutError, PoolTimeout, psycopg.Error) as exc:
         log.error("database unavailable for the hook", extra={"error": type(exc).__name__})
         raise _Failure(503, user_message(SendResult(Outcome.RETRY, "DatabaseUnavailable", status=503)),

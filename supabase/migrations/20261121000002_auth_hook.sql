@@ -58,6 +58,11 @@ begin
     if phone is null then
         perform sms.raise_api_error(400, 'invalid_hook_payload', 'the hook payload names no phone number');
     end if;
+    -- GoTrue stores and sends E.164 digits without the +: 14155550123 is +1 415, never a bare
+    -- mainland number (the bare-number reading is for what people type into request_phone_code).
+    if phone ~ '^[0-9]+$' then
+        phone := '+' || phone;
+    end if;
     event_id := nullif(p_event -> 'metadata' ->> 'uuid', '');
     begin
         client_ip := nullif(p_event -> 'metadata' ->> 'ip_address', '')::inet;
