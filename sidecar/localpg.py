@@ -88,7 +88,7 @@ class LocalCluster:
             return
         try:
             self._run("pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
-        except subprocess.CalledProcessError:
+        except RuntimeError:
             pass  # already down; the directory still has to go
         shutil.rmtree(self._tmp, ignore_errors=True)
         self.datadir = None
@@ -125,4 +125,6 @@ class LocalCluster:
             cmd = ["runuser", "-u", self._owner.pw_name, "--", *cmd]
         result = subprocess.run(cmd, capture_output=True, text=True, cwd="/")
         if result.returncode != 0:
-            raise subprocess.CalledProcessError(result.returncode, cmd, result.stdout, result.stderr)
+            log = self._tmp / "log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"{tool} failed ({result.returncode}): {result.stderr.strip()}\n{tail}".strip())
