@@ -42,6 +42,7 @@ class DeliveryWorker:
         self.shutdown_grace = 12.0
         self._in_flight: dict[asyncio.Task[None], dict[str, Any]] = {}
         self._wake = asyncio.Event()
+        self._gauges_at = 0.0
         self.listening = False
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -50,7 +51,10 @@ class DeliveryWorker:
             while not stop.is_set():
                 try:
                     await self._drain(stop)
-                    await self._update_gauges()
+                    # Not on every wake-up: at hundreds of codes a second that query would dominate.
+                    if time.monotonic() - self._gauges_at >= self.sweep_seconds:
+                        self._gauges_at = time.monotonic()
+                        await self._update_gauges()
                 except (psycopg.Error, OSError, TimeoutError) as exc:
                     log.warning("outbox unavailable, retrying", extra={"error": type(exc).__name__})
                 try:

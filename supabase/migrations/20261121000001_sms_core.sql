@@ -120,6 +120,8 @@ create index if not exists outbox_phone_created_idx on sms.outbox (phone, create
 create index if not exists outbox_user_created_idx on sms.outbox (user_id, created_at desc) where user_id is not null;
 create index if not exists outbox_ip_created_idx on sms.outbox (client_ip, created_at desc) where client_ip is not null;
 create index if not exists outbox_created_idx on sms.outbox (created_at);
+-- The claim's expiry sweep and queue_stats look only at pending rows, among millions kept for the limits.
+create index if not exists outbox_pending_expires_idx on sms.outbox (expires_at) where status in ('queued', 'sending');
 
 create table if not exists sms.deliveries (
     id bigint generated always as identity primary key,
@@ -210,30 +212,43 @@ comment on function sms.raise_api_error(integer, text, text, jsonb, integer) is 
 
 create or replace function sms.request_claims()
 returns jsonb
-language sql
+language plpgsql
 stable
 set search_path = ''
-as $$ select coalesce(nullif(pg_catalog.current_setting('request.jwt.claims', true), '')::jsonb, '{}'::jsonb) $$;
+as $$
+begin
+    return coalesce(nullif(pg_catalog.current_setting('request.jwt.claims', true), '')::jsonb, '{}'::jsonb);
+end
+$$;
 comment on function sms.request_claims() is 'supabase-aliyun-sms: the JWT claims PostgREST set for this request, or {}.';
 
 create or replace function sms.caller_uid()
 returns uuid
-language sql
+language plpgsql
 stable
 set search_path = ''
 as $$
-    select case when c ->> 'sub' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-                then (c ->> 'sub')::uuid end
-    from (select sms.request_claims() as c) as claims
+declare
+    sub text := sms.request_claims() ->> 'sub';
+begin
+    if sub ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' then
+        return sub::uuid;
+    end if;
+    return null;
+end
 $$;
 comment on function sms.caller_uid() is 'supabase-aliyun-sms: the signed-in user (JWT sub), or NULL. Reads the claims directly so it works before GoTrue has replaced auth.uid().';
 
 create or replace function sms.caller_role()
 returns text
-language sql
+language plpgsql
 stable
 set search_path = ''
-as $$ select coalesce(sms.request_claims() ->> 'role', '') $$;
+as $$
+begin
+    return coalesce(sms.request_claims() ->> 'role', '');
+end
+$$;
 comment on function sms.caller_role() is 'supabase-aliyun-sms: the JWT role of the request (anon, authenticated, service_role), or empty.';
 
 create or replace function sms.client_ip()
@@ -302,21 +317,33 @@ comment on function sms.normalize_phone(text) is 'supabase-aliyun-sms: +86130123
 
 create or replace function sms.country_allowed(p_phone text, p_codes text[])
 returns boolean
-language sql
+language plpgsql
 immutable
 set search_path = ''
 as $$
-    -- E.164 country codes are a prefix code, so a prefix match identifies the country.
-    select exists (select from unnest(p_codes) as c where starts_with(p_phone, c))
+declare
+    cc text;
+begin
+    foreach cc in array p_codes loop
+        if starts_with(p_phone, cc) then
+            return true;
+        end if;
+    end loop;
+    return false;
+end
 $$;
 comment on function sms.country_allowed(text, text[]) is 'supabase-aliyun-sms: whether a normalised number belongs to one of the allowed country codes.';
 
 create or replace function sms.valid_purpose(p_purpose text)
 returns boolean
-language sql
+language plpgsql
 immutable
 set search_path = ''
-as $$ select coalesce(p_purpose ~ '^[a-z0-9][a-z0-9_.-]{0,31}$', false) $$;
+as $$
+begin
+    return coalesce(p_purpose ~ '^[a-z0-9][a-z0-9_.-]{0,31}$', false);
+end
+$$;
 comment on function sms.valid_purpose(text) is 'supabase-aliyun-sms: purposes are short lowercase identifiers such as default, bind_phone or mfa.';
 
 create or replace function sms.random_code(p_length integer)
@@ -346,13 +373,19 @@ comment on function sms.random_code(integer) is 'supabase-aliyun-sms: uniformly 
 
 create or replace function sms.code_hash(p_id uuid, p_code text)
 returns bytea
-language sql
+language plpgsql
 stable
 set search_path = ''
 as $$
+declare
+    h bytea;
+begin
     select extensions.hmac(convert_to(p_id::text || ':' || p_code, 'UTF8'), s.code_hmac_key, 'sha256')
+    into h
     from sms.secrets as s
-    where s.id
+    where s.id;
+    return h;
+end
 $$;
 comment on function sms.code_hash(uuid, text) is 'supabase-aliyun-sms: HMAC-SHA256 of a code, keyed by sms.secrets and salted with the code''s id.';
 
@@ -689,11 +722,15 @@ comment on function sms.grpc_send_code(text, text, text) is 'supabase-aliyun-sms
 
 create or replace function sms.grpc_verify_code(p_phone text, p_code text)
 returns jsonb
-language sql
+language plpgsql
 volatile
 security definer
 set search_path = ''
-as $$ select sms.check_code(p_phone, p_code, 'default', null) $$;
+as $$
+begin
+    return sms.check_code(p_phone, p_code, 'default', null);
+end
+$$;
 comment on function sms.grpc_verify_code(text, text) is 'supabase-aliyun-sms: Valid of the phone-number gRPC API: checks a code of purpose default bound to no user.';
 
 create or replace function sms.code_status(p_request_id uuid)
@@ -931,19 +968,25 @@ comment on function sms.release_messages(text) is 'supabase-aliyun-sms: on shutd
 
 create or replace function sms.queue_stats()
 returns jsonb
-language sql
+language plpgsql
 stable
 security definer
 set search_path = ''
 as $$
+declare
+    stats jsonb;
+begin
     select jsonb_build_object(
         'queued', count(*) filter (where o.status = 'queued'),
         'sending', count(*) filter (where o.status = 'sending'),
         'oldest_queued_seconds',
             coalesce(extract(epoch from now() - min(o.created_at) filter (where o.status = 'queued')), 0)
     )
+    into stats
     from sms.outbox as o
-    where o.status in ('queued', 'sending')
+    where o.status in ('queued', 'sending');
+    return stats;
+end
 $$;
 comment on function sms.queue_stats() is 'supabase-aliyun-sms: outbox depth and the age of the oldest queued message, for the sidecar''s metrics.';
 
@@ -978,29 +1021,41 @@ comment on function sms.purge(interval) is 'supabase-aliyun-sms retention: delet
 
 create or replace function public.request_phone_code(phone text, purpose text default 'default')
 returns jsonb
-language sql
+language plpgsql
 volatile
 security invoker
 set search_path = ''
-as $$ select sms.request_code(request_phone_code.phone, request_phone_code.purpose) $$;
+as $$
+begin
+    return sms.request_code(request_phone_code.phone, request_phone_code.purpose);
+end
+$$;
 comment on function public.request_phone_code(text, text) is 'supabase-aliyun-sms: text a verification code to a phone. Returns {request_id, expires_in, retry_after}; HTTP 400 for a bad number, 429 over a limit.';
 
 create or replace function public.verify_phone_code(phone text, code text, purpose text default 'default')
 returns jsonb
-language sql
+language plpgsql
 volatile
 security invoker
 set search_path = ''
-as $$ select sms.verify_code(verify_phone_code.phone, verify_phone_code.code, verify_phone_code.purpose) $$;
+as $$
+begin
+    return sms.verify_code(verify_phone_code.phone, verify_phone_code.code, verify_phone_code.purpose);
+end
+$$;
 comment on function public.verify_phone_code(text, text, text) is 'supabase-aliyun-sms: check a code once. Returns {valid: true} or {valid: false, reason, attempts_left}, always HTTP 200.';
 
 create or replace function public.phone_code_status(request_id uuid)
 returns jsonb
-language sql
+language plpgsql
 stable
 security invoker
 set search_path = ''
-as $$ select sms.code_status(phone_code_status.request_id) $$;
+as $$
+begin
+    return sms.code_status(phone_code_status.request_id);
+end
+$$;
 comment on function public.phone_code_status(uuid) is 'supabase-aliyun-sms: {status: queued|sending|sent|failed, error} of the caller''s own code request.';
 
 ------------------------------------------------------------------------------------------------

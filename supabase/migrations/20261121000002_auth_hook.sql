@@ -168,15 +168,19 @@ comment on function sms.hook_begin(jsonb, text, text, integer) is 'supabase-aliy
 
 create or replace function sms.message_state(p_message_id uuid)
 returns jsonb
-language sql
+language plpgsql
 stable
 security definer
 set search_path = ''
 as $$
-    select jsonb_build_object('status', o.status, 'provider_code', o.provider_code, 'error', o.last_error,
-                              'lease_until', o.lease_until)
-    from sms.outbox as o
-    where o.id = p_message_id
+begin
+    return (
+        select jsonb_build_object('status', o.status, 'provider_code', o.provider_code, 'error', o.last_error,
+                                  'lease_until', o.lease_until)
+        from sms.outbox as o
+        where o.id = p_message_id
+    );
+end
 $$;
 comment on function sms.message_state(uuid) is 'supabase-aliyun-sms: status of one outbox message, for a sidecar waiting on a duplicate hook event another request is still sending.';
 

@@ -1,0 +1,379 @@
+"""Where the CPU of a hook request and of an outbox delivery goes: the numbers behind "Findings".
+
+    .venv/bin/python bench/costs.py [--quick]
+
+Not a pass/fail benchmark. It measures, in isolation:
+
+A. client-side CPU per operation (CPU time of the calling thread, so the in-process fake Aliyun's
+   threads are not counted): the Aliyun SDK's SendSms as the sidecar calls it, a hand-signed
+   equivalent (bench/lean_provider.py; the fake checks both signatures), the webhook signature
+   check, JSON parsing/encoding of an event, one JSON log line, the Prometheus updates, one
+   psycopg pool round trip, the hook's two SQL calls, and a thread-pool hop;
+B. server-side time per SQL call from pg_stat_user_functions (track_functions = all): the hook's
+   hook_begin + finish_delivery, verify_phone_code, request_phone_code, the worker's claim_messages
+   and queue_stats, with the inner functions' own (self) time;
+C. claim_messages and queue_stats as sms.outbox grows (delivered rows stay for the 24-hour limits),
+   with and without a partial index on pending rows' expires_at;
+D. the first SendSms of a fresh process (the SDK builds its HTTP session, with an SSL context, then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import _common as c
+import psycopg
+from gotrue import go_json, make_metadata, make_user, otp_login, sign
+from lean_provider import LeanAliyunProvider
+from psycopg.types.json import Jsonb
+
+from sidecar.config import AliyunConfig
+from sidecar.db import call, create_pool
+from sidecar.logs import JsonFormatter
+from sidecar.metrics import Metrics
+from sidecar.providers.aliyun import AliyunProvider
+from sidecar.providers.base import Sms, Timeouts
+from sidecar.webhook import WebhookVerifier, parse_secrets
+
+TIMEOUTS = Timeouts(connect_ms=2000, read_ms=10000)
+
+
+def per_op(fn: Callable[[], Any], n: int, batches: int = 3, clock: Callable[[], float] = time.thread_time) -> float:
+    """Median over batches of CPU microseconds per call of fn."""
+    for _ in range(max(3, n // 20)):
+        fn()
+    results = []
+    for _ in range(batches):
+        t0 = clock()
+        for _ in range(n):
+            fn()
+        results.append((clock() - t0) / n * 1e6)
+    return statistics.median(results)
+
+
+def event() -> tuple[dict[str, Any], bytes, dict[str, str]]:
+    phone = c.next_phone()
+    payload = otp_login(
+        c.GOTRUE_VERSION,
+        phone=phone,
+        otp="123456",
+        user=make_user(phone=phone),
+        metadata=make_metadata(ip_address="198.18.0.1"),
+    )
+    body = go_json(payload)
+    msg_id, ts = str(uuid.uuid4()), int(time.time())
+    headers = {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(ts),
+        "webhook-signature": sign([c.HOOK_SECRET], msg_id, ts, body),
+    }
+    return payload, body, headers
+
+
+def section_a(db: c.BenchDatabase, fake: c.FakeAliyun, n: int) -> list[list[str]]:
+    rows: list[list[str]] = []
+    config = AliyunConfig(
+        access_key_id=c.AK,
+        access_key_secret=c.AK_SECRET,
+        sign_name=c.SIGN_NAME,
+        template_code=c.TEMPLATE,
+        endpoint=fake.endpoint,
+        protocol="http",
+    )
+    sdk, lean = AliyunProvider(config), LeanAliyunProvider(config)
+    sdk.warm_up()
+
+    def sender(provider: Any) -> Callable[[], None]:
+        def send() -> None:
+            result = provider.send(Sms(phone=c.next_phone(), code="123456", out_id="1"), TIMEOUTS)
+            assert result.accepted, result
+
+        return send
+
+    before = len(fake.sends)
+    rows.append(["SendSms via the Aliyun SDK (AliyunProvider.send)", f"{per_op(sender(sdk), n):.0f}"])
+    rows.append(["SendSms hand-signed over http.client (bench/lean_provider.py)", f"{per_op(sender(lean), n):.0f}"])
+    assert not fake.rejected, fake.rejected[:3]
+    c.log(f"fake accepted {len(fake.sends) - before} sends from both clients, rejected none")
+    fake_cpu = per_op(sender(lean), n, clock=time.process_time) - per_op(sender(lean), n)
+    rows.append(["  the fake's own CPU per SendSms (for reference; other threads)", f"{fake_cpu:.0f}"])
+
+    payload, body, headers = event()
+    verifier = WebhookVerifier(parse_secrets(c.HOOK_SECRET))
+    rows.append(
+        [
+            "webhook signature check (WebhookVerifier.verify)",
+            f"{per_op(lambda: verifier.verify(headers, body), n * 20):.0f}",
+        ]
+    )
+
+    def parse() -> None:
+        ev = json.loads(body)
+        json.dumps(ev)  # what psycopg's Jsonb dumper does with it
+        __import__("hashlib").sha256(body).hexdigest()
+
+    rows.append(["event JSON parse + re-encode for Jsonb + sha256", f"{per_op(parse, n * 20):.0f}"])
+
+    with tempfile.NamedTemporaryFile("w", suffix=".log") as sink:
+        logger = logging.Logger("bench.cost")
+        handler = logging.StreamHandler(sink)
+        handler.setFormatter(JsonFormatter())
+        logger.addHandler(handler)
+        fields = {"phone": "+86*******1234", "delivery_id": 1, "shape": "metadata", "purpose": "default",
+                  "provider": "aliyun", "provider_code": "OK", "biz_id": "123^0", "request_id": str(uuid.uuid4()),
+                  "latency_ms": 3}  # fmt: skip
+        rows.append(
+            [
+                "one JSON log line (JsonFormatter + StreamHandler)",
+                f"{per_op(lambda: logger.info('hook SMS accepted', extra=fields), n * 20):.0f}",
+            ]
+        )
+
+    m = Metrics()
+
+    def metrics() -> None:
+        m.hook_requests.labels("sent").inc()
+        m.hook_latency.observe(0.01)
+        m.provider_latency.labels("aliyun").observe(0.003)
+        m.provider_results.labels("aliyun", "OK").inc()
+
+    rows.append(["Prometheus updates of one hook request", f"{per_op(metrics, n * 20):.0f}"])
+
+    async def db_ops() -> tuple[float, float, float]:
+        pool = create_pool(db.sidecar_url)
+        await pool.open(wait=True)
+        executor = ThreadPoolExecutor(max_workers=32)
+        loop = asyncio.get_running_loop()
+
+        async def timed(fn: Callable[[], Any], count: int, clock: Callable[[], float] = time.thread_time) -> float:
+            for _ in range(10):
+                await fn()
+            out = []
+            for _ in range(3):
+                t0 = clock()
+                for _ in range(count):
+                    await fn()
+                out.append((clock() - t0) / count * 1e6)
+            return statistics.median(out)
+
+        select1 = await timed(lambda: call(pool, "select 1", {}, timeout=5), n * 4)
+
+        async def hook_calls() -> None:
+            ev, raw, _ = event()
+            begin = await call(
+                pool,
+                "select sms.hook_begin(%(event)s, %(sha)s, %(worker)s, %(lease)s)",
+                {
+                    "event": Jsonb(ev),
+                    "sha": __import__("hashlib").sha256(raw).hexdigest(),
+                    "worker": "bench",
+                    "lease": 10,
+                },
+                timeout=5,
+            )
+            await call(
+                pool,
+                "select sms.finish_delivery(p_delivery_id => %(id)s, p_outcome => 'accepted',"
+                " p_provider => 'aliyun', p_provider_code => 'OK', p_provider_message => 'OK',"
+                " p_biz_id => '1^0', p_provider_request_id => 'r', p_latency_ms => 3,"
+                " p_retry_in_seconds => 0, p_max_attempts => 1)",
+                {"id": begin["delivery_id"]},
+                timeout=5,
+            )
+
+        hook = await timed(hook_calls, n)
+        hop = await timed(lambda: loop.run_in_executor(executor, int), n * 4, clock=time.process_time)
+        await pool.close()
+        executor.shutdown()
+        return select1, hook, hop
+
+    select1, hook, hop = asyncio.run(db_ops())
+    rows.append(["psycopg pool round trip (sidecar.db.call 'select 1')", f"{select1:.0f}"])
+    rows.append(["the hook's SQL: hook_begin + finish_delivery, client side (2 calls)", f"{hook:.0f}"])
+    rows.append(["thread-pool hop (run_in_executor of a no-op, both threads)", f"{hop:.0f}"])
+    return rows
+
+
+def section_b(db: c.BenchDatabase, n: int) -> tuple[list[list[str]], dict[str, list[list[str]]]]:
+    """Server-side time per call and the inner functions' self time, one workload at a time."""
+    claims = "json_build_object('role', 'authenticated', 'sub', md5('u' || g)::uuid)::text"
+    workloads = {
+        "verify_phone_code (PostgREST-shaped, 1 in 4 right)": (
+            "do $$ begin for g in 1..%(n)s loop"
+            " perform set_config('request.jwt.claims', " + claims + ", true);"
+            " perform public.verify_phone_code('+8613' || lpad(g::text, 9, '0'),"
+            "   case when g %% 4 = 0 then lpad((g * 7919 %% 1000000)::text, 6, '0') else '000000' end);"
+            " end loop; end $$"
+        ),
+        "request_phone_code (PostgREST-shaped)": (
+            "do $$ begin for g in 1..%(n)s loop"
+            " perform set_config('request.jwt.claims', " + claims + ", true);"
+            " perform set_config('request.headers', '{\"x-real-ip\": \"198.18.0.1\"}', true);"
+            " perform public.request_phone_code('+8616' || lpad(g::text, 9, '0'));"
+            " end loop; end $$"
+        ),
+    }
+    db.execute(
+        "insert into sms.codes (id, phone, purpose, user_id, code_hash, expires_at)"
+        " select s.id, '8613' || lpad(s.g::text, 9, '0'), 'default', md5('u' || s.g)::uuid,"
+        " sms.code_hash(s.id, lpad((s.g * 7919 %% 1000000)::text, 6, '0')), now() + interval '1 day'"
+        " from (select g, gen_random_uuid() as id from generate_series(1, %s) as g) as s",
+        [n],
+        superuser=True,
+    )
+    summary: list[list[str]] = []
+    detail: dict[str, list[list[str]]] = {}
+    for name, sql in workloads.items():
+        db.execute("select pg_stat_reset()", superuser=True)
+        with psycopg.connect(db.authenticator_url) as conn:
+            conn.execute("set local role authenticated")
+            t0 = time.monotonic()
+            conn.execute(sql.replace("%(n)s", str(n)).replace("%%", "%"))
+            wall = time.monotonic() - t0
+            conn.commit()
+        time.sleep(0.6)  # the statistics collector
+        rows = function_stats(db)
+        summary.append([name, f"{wall / n * 1e6:.0f}"])
+        detail[name] = rows
+    return summary, detail
+
+
+def function_stats(db: c.BenchDatabase) -> list[list[str]]:
+    return [
+        [f"{schema}.{fn}", str(calls), f"{total / calls * 1000:.0f}", f"{self_ / calls * 1000:.0f}"]
+        for schema, fn, calls, total, self_ in db.execute(
+            "select schemaname, funcname, calls, total_time, self_time from pg_stat_user_functions"
+            " where calls > 0 order by self_time desc limit 12",
+            superuser=True,
+        )
+    ]
+
+
+def section_b_hook(db: c.BenchDatabase, n: int) -> list[list[str]]:
+    """The hook's SQL as the sidecar role, n requests, per-function times."""
+    db.execute("select pg_stat_reset()", superuser=True)
+    with psycopg.connect(db.sidecar_url, autocommit=True) as conn:
+        for _ in range(n):
+            ev, raw, _ = event()
+            begin = conn.execute(
+                "select sms.hook_begin(%s, %s, 'bench', 10)", [Jsonb(ev), __import__("hashlib").sha256(raw).hexdigest()]
+            ).fetchone()[0]  # type: ignore[index]
+            conn.execute(
+                "select sms.finish_delivery(%s, 'accepted', 'aliyun', 'OK', 'OK', '1^0', 'r', 3, 0, 1)",
+                [begin["delivery_id"]],
+            )
+    time.sleep(0.6)
+    return function_stats(db)
+
+
+def section_c(db: c.BenchDatabase, sizes: list[int]) -> list[list[str]]:
+    """claim_messages (empty queue) and queue_stats as the outbox fills with delivered rows."""
+    rows = []
+    have = 0
+    for size in sizes:
+        db.execute(
+            "insert into sms.outbox (source, phone, purpose, status, expires_at, sent_at, created_at)"
+            " select 'rpc', '8614' || lpad(g::text, 9, '0'), 'default', 'sent', now() + interval '5 minutes', now(),"
+            " now() - interval '1 minute' from generate_series(%s::int, %s::int) as g",
+            [have + 1, size],
+            superuser=True,
+        )
+        have = size
+        db.vacuum()
+        for index in (False, True):
+            if index:
+                db.execute(
+                    "create index bench_outbox_pending_expires_idx on sms.outbox (expires_at)"
+                    " where status in ('queued', 'sending')",
+                    superuser=True,
+                )
+                db.execute("analyze sms.outbox", superuser=True)
+            with psycopg.connect(db.sidecar_url, autocommit=True) as conn:
+                times = {}
+                for label, sql in (("claim", "select * from sms.claim_messages('bench', 16, 30)"),
+                                   ("stats", "select sms.queue_stats()")):  # fmt: skip
+                    for _ in range(5):
+                        conn.execute(sql).fetchall()
+                    t0 = time.perf_counter()
+                    for _ in range(50):
+                        conn.execute(sql).fetchall()
+                    times[label] = (time.perf_counter() - t0) / 50 * 1000
+            rows.append([f"{size:,}", "yes" if index else "no", f"{times['claim']:.2f}", f"{times['stats']:.2f}"])
+            if index:
+                db.execute("drop index sms.bench_outbox_pending_expires_idx", superuser=True)
+    return rows
+
+
+def section_d(fake: c.FakeAliyun) -> list[list[str]]:
+    code = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(c.BENCH)!r})\n"
+        "import _common as c\n"
+        "from sidecar.config import AliyunConfig\n"
+        "from sidecar.providers.aliyun import AliyunProvider\n"
+        "from sidecar.providers.base import Sms, Timeouts\n"
+        "p = AliyunProvider(AliyunConfig(access_key_id=c.AK, access_key_secret=c.AK_SECRET, sign_name=c.SIGN_NAME,"
+        f" template_code=c.TEMPLATE, endpoint={fake.endpoint!r}, protocol='http'))\n"
+        "t = time.monotonic(); p.warm_up(); print('warm_up', time.monotonic() - t)\n"
+        "for i in range(3):\n"
+        "    t = time.monotonic(); p.send(Sms(phone=c.next_phone(), code='123456', out_id='1'),"
+        " Timeouts(2000, 10000)); print('send', i, time.monotonic() - t)\n"
+    )
+    runs: dict[str, list[float]] = {}
+    for _ in range(3):
+        out = subprocess.run([c.PYTHON, "-c", code], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            *key, value = line.split()
+            runs.setdefault(" ".join(key), []).append(float(value) * 1000)
+    return [[k, c.spread(v, 0)] for k, v in runs.items()]
+
+
+def main() -> None:
+    args = c.parser(__doc__.splitlines()[0]).parse_args()
+    facts = c.facts_block()
+    n, n_sql, sizes = (100, 300, [2_000, 10_000]) if args.quick else (400, 2_000, [1_000, 10_000, 50_000])
+    with c.database({"track_functions": "all"}) as db:
+        fake = c.fake_aliyun()
+        try:
+            a = section_a(db, fake, n)
+            hook_detail = section_b_hook(db, n_sql)
+            b, detail = section_b(db, n_sql)
+            cc = section_c(db, sizes)
+            d = section_d(fake)
+        finally:
+            fake.stop()
+    parts = [
+        "A. Client-side CPU per operation (µs, median of 3 batches; CPU of the calling thread):",
+        c.table(["operation", "µs CPU"], a),
+        "B. Server-side time per call (µs wall inside PostgreSQL, single client, no contention):",
+        c.table(["workload", "µs per call"], b),
+        "Inner functions for one hook request (hook_begin + finish_delivery), per hook request:",
+        c.table(["function", "calls", "total µs/call", "self µs/call"], hook_detail),
+    ]
+    for name, rows in detail.items():
+        parts += [f"Inner functions, {name}:", c.table(["function", "calls", "total µs/call", "self µs/call"], rows)]
+    parts += [
+        "C. Worker queries vs outbox size (ms per call, empty queue; 'index' = a partial index"
+        " on (expires_at) where status in ('queued', 'sending')):",
+        c.table(["outbox rows", "index", "claim_messages ms", "queue_stats ms"], cc),
+        "D. A fresh process's first SendSms through the SDK (ms, median (min–max) of 3 processes):",
+        c.table(["step", "ms"], d),
+    ]
+    text = "\n\n".join(parts)
+    print(text)
+    if not args.quick and not args.no_write:
+        c.write_results("costs", "## Cost breakdown (`bench/costs.py`)\n\n" + facts + "\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
