@@ -30,14 +30,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sidecar.config import Config
-from sidecar.db import ApiError, call, create_pool
+from sidecar.db import ApiError, call
 from sidecar.grpc_api import phonenumberservice_pb2 as pb, phonenumberservice_pb2_grpc as pb_grpc
+from sidecar.lifecycle import running
 from sidecar.logs import configure, mask_phone
 from sidecar.migrate import bundled
-from sidecar.providers import build_provider
 from sidecar.providers.aliyun import classify_business_error
 from sidecar.runtime import Runtime
-from sidecar.worker import DeliveryWorker
 
 __all__ = ["DEFAULT_PORT", "SERVICE_NAME", "GrpcBindError", "GrpcServer", "PhoneNumberService", "run", "serve_grpc"]
 
@@ -303,31 +302,9 @@ def run(config: Config) -> None:
 
 
 async def _run(config: Config) -> None:
-    rt = Runtime(config=config, pool=create_pool(config.database_url), provider=build_provider(config), verifier=None)
-    await rt.pool.open(wait=False)  # the database may come up after us; health says NOT_SERVING meanwhile
-    warm = getattr(rt.provider, "warm_up", None)
-    if warm is not None:
-        await rt.run_blocking(warm)
-    shutdown, worker_stop = asyncio.Event(), asyncio.Event()
+    shutdown = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, shutdown.set)
-    server = GrpcServer(rt, config.host, config.grpc.port or DEFAULT_PORT)
-    worker_task = None
-    try:
-        await server.start()
-        if config.worker.enabled:
-            worker = DeliveryWorker(rt, config.worker)
-            worker_task = asyncio.create_task(worker.run(worker_stop), name="sms-delivery-worker")
-        log.info("sidecar started",
-                 extra={"provider": rt.provider.name, "worker": rt.worker_id, "grpc": server.address})  # fmt: skip
+    async with running(config, grpc_port=config.grpc.port or DEFAULT_PORT):
         await shutdown.wait()
-    finally:
-        # Calls in flight may be waiting on the worker: stop the server first, then the worker.
-        await server.stop()
-        worker_stop.set()
-        if worker_task is not None:
-            await worker_task
-        await rt.pool.close()
-        rt.executor.shutdown(wait=False, cancel_futures=True)
-        log.info("sidecar stopped", extra={"worker": rt.worker_id})
