@@ -3,15 +3,14 @@
     .venv/bin/python bench/variants.py [--quick]
 
 Runs bench/variant_serve.py (same config, app and uvicorn settings as `sms-sidecar serve`, plus the
-variant) next to the real `sms-sidecar serve` and the framework floor, in the same run, and
-bench/sql_variant.sql in a second database of the same cluster:
+variant) next to the real `sms-sidecar serve` and the framework floor, in the same run:
 
 * hook: wrk at 8 and 32 connections, distinct signed events, variants interleaved per round;
 * worker (1 replica): drain of 2,000 codes committed at once, and 1,000 codes at 200/s through
   pgbench, with sms.outbox holding 50,000 delivered rows (a few minutes of history at 200/s; the
   24-hour limits and sms.purge keep far more), without and with a partial index on pending rows;
-* SQL: verify_phone_code and request_phone_code through pgbench (as bench/verify.py) at 1 and 8
-  clients, as migrated and with the helpers rewritten in PL/pgSQL (bench/sql_variant.sql).
+
+The PL/pgSQL rewrite of the SQL helpers it once compared (+40-50% verify TPS) is in the migrations now.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import _common as c
 import outbox
-import verify
 
 HOOK_VARIANTS = ["floor", "serve", "lean", "lean,warnlog", "lean,threads8"]
 WORKER_VARIANTS = ["serve", "lean", "lean,gauges", "lean,gauges+index"]
@@ -147,80 +145,16 @@ def worker_section(db: c.BenchDatabase, fake: c.FakeAliyun, rounds: int, codes: 
     ]
 
 
-def sql_section(db: c.BenchDatabase, rounds: int, seconds: int, phones: int) -> tuple[list[list[str]], str]:
-    """verify/request_phone_code through pgbench on two databases of one cluster: as migrated, and with
-    bench/sql_variant.sql applied on top; rounds alternate between them."""
-    opt = c.add_database(db, "bench_sql_variant")
-    opt.execute((c.BENCH / "sql_variant.sql").read_text())
-    # Same answers from both: right code, wrong code, unknown phone.
-    probes = []
-    for database in (db, opt):
-        verify.seed_codes(database, phones)
-        with c.psycopg.connect(database.authenticator_url) as conn:
-            conn.execute("set local role authenticated")
-            conn.execute(
-                "select set_config('request.jwt.claims', json_build_object('role', 'authenticated',"
-                " 'sub', md5('u' || 7)::uuid)::text, true)"
-            )
-            probes.append(
-                [
-                    conn.execute("select public.verify_phone_code('+8613000000007', '000000')").fetchone(),
-                    conn.execute(
-                        "select public.verify_phone_code('+8613000000007', lpad((7 * 7919 % 1000000)::text, 6, '0'))"
-                    ).fetchone(),
-                    conn.execute("select public.verify_phone_code('+8613999999999', '123456')").fetchone(),
-                    conn.execute("select public.request_phone_code('+8613000000008') ->> 'expires_in'").fetchone(),
-                ]
-            )
-            conn.rollback()
-        verify.rearm(database)
-    same = "identical" if probes[0] == probes[1] else f"DIFFERENT: {probes}"
-    tps: dict[tuple[str, str, int], list[float]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-sql-") as tmp:
-        files = {}
-        for name in ("verify_phone_code", "request_phone_code"):
-            files[name] = Path(tmp) / f"{name}.sql"
-            files[name].write_text(verify.SCRIPTS[name])
-        for clients in (1, 8):
-            for r in range(rounds):
-                pair = [("as migrated", db), ("sql_variant.sql", opt)]
-                for label, database in pair if r % 2 == 0 else pair[::-1]:
-                    for name, path in files.items():
-                        t, _, failed = verify.pgbench(database, path, clients, seconds, phones)
-                        if failed:
-                            raise SystemExit(f"{label} {name}: {failed} failed transactions")
-                        tps.setdefault((label, name, clients), []).append(t)
-                        if name == "verify_phone_code":
-                            verify.rearm(database)
-                        c.log(f"sql {label:16s} {name:19s} c={clients}: {t:.0f} tps")
-    rows = []
-    for clients in (1, 8):
-        for name in ("verify_phone_code", "request_phone_code"):
-            base, new = tps[("as migrated", name, clients)], tps[("sql_variant.sql", name, clients)]
-            rows.append(
-                [
-                    name,
-                    clients,
-                    c.spread(base, 0),
-                    c.spread(new, 0),
-                    c.spread([b / a * 100 - 100 for a, b in zip(base, new, strict=True)], 0),
-                ]
-            )
-    return rows, same
-
-
 def main() -> None:
     args = c.parser(__doc__.splitlines()[0]).parse_args()
     c.check_wrk()
     facts = c.facts_block()
     rounds, seconds, codes = (1, 2, 600) if args.quick else (2, 5, 2000)
-    sql_rounds, sql_seconds, phones = (1, 2, 20_000) if args.quick else (3, 4, 100_000)
     with c.database() as db:
         fake = c.fake_aliyun()
         try:
             hook_rows = hook_section(db, fake, rounds, seconds)
             worker_rows = worker_section(db, fake, rounds, codes)
-            sql_rows, same = sql_section(db, sql_rounds, sql_seconds, phones)
         finally:
             fake.stop()
     text = "\n\n".join(
@@ -253,10 +187,6 @@ def main() -> None:
                 ],
                 worker_rows,
             ),
-            f"SQL: pgbench -M prepared as authenticator, PostgREST-shaped transactions, {sql_rounds} rounds x "
-            f"{sql_seconds} s, {phones:,} seeded phones, the two databases alternating. Answers of the two "
-            f"versions to the same probes: {same}.",
-            c.table(["function", "clients", "TPS as migrated", "TPS with sql_variant.sql", "change %"], sql_rows),
         ]
     )
     print(text)
