@@ -8,7 +8,7 @@
 # next to Supabase's self-hosted docker-compose.yml.
 
 ############################################################################################
-# Builder: a wheelhouse of the project and every dependency, installed into /install.
+# Builder: the locked dependencies and the project's wheel, installed into /install.
 # Every dependency has a manylinux or pure-Python wheel (or a pure-Python sdist), so no
 # compiler is needed even here.
 ############################################################################################
@@ -21,14 +21,17 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 
 # Only what the wheel is built from (pyproject force-includes supabase/migrations as
-# sidecar/migrations; README.md is the package's readme).
+# sidecar/migrations; README.md is the package's readme), and the lock it is installed with.
+COPY requirements/runtime.txt ./requirements/runtime.txt
 COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
 COPY supabase/migrations ./supabase/migrations
 
-# With the [grpc] extra, so the image can also run `sms-sidecar grpc` (grpcio ships binary wheels).
-RUN pip wheel --wheel-dir /wheels ".[grpc]" \
- && pip install --no-index --find-links /wheels --prefix /install "supabase-aliyun-sms[grpc]" \
+# Dependencies exactly as locked (hash-checked; the lock includes the [grpc] extra, so the image
+# can also run `sms-sidecar grpc`), then the project's own wheel on top without re-resolving.
+RUN pip install --prefix /install --require-hashes -r requirements/runtime.txt \
+ && pip wheel --no-deps --wheel-dir /wheels . \
+ && pip install --no-index --no-deps --prefix /install /wheels/supabase_aliyun_sms-*.whl \
  && test -n "$(ls /install/lib/python3.11/site-packages/sidecar/migrations/*.sql)" \
  && test -f /install/lib/python3.11/site-packages/sidecar/standin.sql
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sidecar.config import Config, ConfigError
+from sidecar.config import Config, ConfigError, check_database_url
 
 __all__ = ["main"]
 
@@ -20,6 +20,10 @@ def _database_url() -> str:
     url = os.environ.get("DATABASE_URL", "").strip()
     if not url:
         raise SystemExit("sms-sidecar: DATABASE_URL is not set (a PostgreSQL URL of your Supabase database)")
+    try:
+        check_database_url(url)
+    except ConfigError as exc:
+        raise SystemExit(f"sms-sidecar: {exc}") from None
     return url
 
 

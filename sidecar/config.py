@@ -25,6 +25,32 @@ _PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
 _GRPC_TOKEN = re.compile(r"^[\x21-\x7e]{16,512}$")  # visible ASCII: it travels in a metadata header
 
 
+def mask_password(url: str) -> str:
+    """The URL with anything that may be a password replaced by ``***``, even in a malformed URL."""
+    url = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url, flags=re.I)
+    head, at, tail = url.rpartition("@")  # a password may contain '@'; the host part cannot
+    if not at:
+        return url
+    scheme = re.match(r"[a-z][a-z0-9+.-]*:?/+", head, re.I)  # "postgresql://", also "postgresql//"
+    prefix = scheme.group(0) if scheme else ""
+    user, colon, _ = head[len(prefix) :].partition(":")
+    return f"{prefix}{user}:***@{tail}" if colon else url
+
+
+def check_database_url(url: str) -> None:
+    """Refuse a DATABASE_URL libpq cannot parse, naming it with the password masked (libpq's own
+    message quotes the whole string, password included)."""
+    import psycopg.conninfo
+
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        raise ConfigError(
+            f"DATABASE_URL is not a PostgreSQL URL ({mask_password(url)}); expected "
+            "postgresql://user:password@host:port/database"
+        ) from None
+
+
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
 
@@ -165,6 +191,8 @@ class Config:
         database_url = get("DATABASE_URL")
         if require_database and not database_url:
             raise ConfigError("DATABASE_URL is not set: give the PostgreSQL URL of your Supabase database")
+        if database_url:
+            check_database_url(database_url)
 
         secrets_value = get("SEND_SMS_HOOK_SECRETS") or get("SEND_SMS_HOOK_SECRET")
         secrets: tuple[bytes, ...] = ()

@@ -2,7 +2,8 @@
 
 Without DATABASE_URL it starts a throwaway PostgreSQL from the server binaries, loads the Supabase
 stand-in, migrates, and serves as the least-privileged `sms_sidecar` role, with the console
-provider unless Aliyun credentials are in the environment. Ctrl-C removes everything.
+provider unless Aliyun credentials are in the environment. Ctrl-C, SIGTERM and SIGHUP remove
+everything it created.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import signal
 import sys
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
+from types import FrameType
 
 import psycopg
 
@@ -49,7 +52,26 @@ def _database(env: MutableMapping[str, str]) -> Iterator[tuple[str, str]]:
         yield owner, cluster.url("sms_sidecar")
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _hang_up(signum: int, frame: FrameType | None) -> None:
+    # A closed terminal: stop as for SIGTERM, so that a running server shuts down gracefully first
+    # (an exception raised inside its event loop would wait on blocked executor threads).
+    signal.raise_signal(signal.SIGTERM)
+
+
 def run_dev(env: MutableMapping[str, str] | None = None) -> int:
+    # While serving, uvicorn handles SIGTERM itself (graceful shutdown) and then re-raises it; with the
+    # default action the process would die there, before the throwaway cluster is stopped and its
+    # directory removed. As an exception it unwinds through LocalCluster's cleanup like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _hang_up)
+    return _run_dev(env)
+
+
+def _run_dev(env: MutableMapping[str, str] | None) -> int:
     from sidecar.cli import serve
 
     env = dict(os.environ if env is None else env)
@@ -112,7 +134,7 @@ Point Supabase Auth at it (GoTrue environment):
   GOTRUE_HOOK_SEND_SMS_ENABLED=true
   GOTRUE_HOOK_SEND_SMS_URI=http://host.docker.internal:{config.port}/hooks/send-sms
   GOTRUE_HOOK_SEND_SMS_SECRETS={secret}
-
+{_reachability_note(config.host)}
 Send a signed test hook, exactly as GoTrue would:
   {hook_one_liner}
 
@@ -127,4 +149,15 @@ From supabase-js:
 Ctrl-C stops the sidecar and deletes the throwaway database.
 """,
         flush=True,
+    )
+
+
+def _reachability_note(host: str) -> str:
+    """host.docker.internal is the Docker host as a container sees it: only reachable beyond loopback."""
+    linux = '  (on Linux, give the auth container `extra_hosts: ["host.docker.internal:host-gateway"]`)\n'
+    if host in ("0.0.0.0", "::"):
+        return linux
+    return (
+        f"  This sidecar listens on {host} only, which a container cannot reach: restart it with\n"
+        "  `HOST=0.0.0.0 sms-sidecar dev` for GoTrue in Docker to reach it.\n" + linux
     )

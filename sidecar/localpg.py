@@ -25,24 +25,51 @@ class PostgresNotFound(RuntimeError):
     """No PostgreSQL server binaries were found."""
 
 
+# Homebrew's postgresql@15 is keg-only: its binaries are under <prefix>/opt/postgresql@15/bin, not on PATH.
+HOMEBREW_PREFIXES = (Path("/opt/homebrew"), Path("/usr/local"))
+
+
 def find_bindir(
-    preferred_major: int = 15, search_root: Path = Path("/usr/lib/postgresql"), path: str | None = None
+    preferred_major: int = 15,
+    search_root: Path = Path("/usr/lib/postgresql"),
+    path: str | None = None,
+    homebrew_prefixes: tuple[Path, ...] = HOMEBREW_PREFIXES,
 ) -> Path:
-    """Where `initdb` lives: PATH first, then Debian's versioned directories (15 preferred, else the newest)."""
+    """Where `initdb` lives, first found of: PATH; `pg_config --bindir`; Debian's versioned directories
+    (15 preferred, else the newest); Homebrew's keg-only ``postgresql@15`` (then ``postgresql``)."""
     on_path = shutil.which("initdb", path=path)
     if on_path:
         return Path(on_path).resolve().parent
+    from_pg_config = _pg_config_bindir(path)
+    if from_pg_config is not None and (from_pg_config / "initdb").is_file():
+        return from_pg_config
     candidates = sorted(
         search_root.glob("*/bin/initdb"),
         key=lambda p: (p.parent.parent.name != str(preferred_major), -_major(p)),
     )
     if candidates:
         return candidates[0].parent
+    for keg in (f"postgresql@{preferred_major}", "postgresql"):
+        for prefix in homebrew_prefixes:
+            if (prefix / "opt" / keg / "bin" / "initdb").is_file():
+                return prefix / "opt" / keg / "bin"
     raise PostgresNotFound(
-        "no PostgreSQL server binaries found (initdb is not on PATH nor in /usr/lib/postgresql/*/bin); "
-        "install them, e.g. `apt-get install postgresql-15` on Debian/Ubuntu or "
-        "`brew install postgresql@15` on macOS, or set DATABASE_URL"
+        "no PostgreSQL server binaries found (initdb is not on PATH, under `pg_config --bindir`, in "
+        "/usr/lib/postgresql/*/bin nor in Homebrew's opt/postgresql@15/bin); install them, e.g. "
+        "`sudo apt-get install postgresql-15` on Debian/Ubuntu or `brew install postgresql@15` on macOS, "
+        "or set DATABASE_URL"
     )
+
+
+def _pg_config_bindir(path: str | None) -> Path | None:
+    pg_config = shutil.which("pg_config", path=path)
+    if pg_config is None:
+        return None
+    try:
+        result = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return Path(result.stdout.strip()) if result.stdout.strip() else None
 
 
 def _major(initdb: Path) -> int:

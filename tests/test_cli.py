@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -80,9 +81,51 @@ def test_dev_runs_the_whole_flow_and_cleans_up(dev: tuple[subprocess.Popen[str],
     assert not datadir.exists()
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
+def test_dev_leaves_no_database_behind_however_it_is_stopped(
+    dev: tuple[subprocess.Popen[str], str], stop: signal.Signals
+) -> None:
+    process, welcome = dev
+    datadir = Path(re.search(r"data in (\S+)\)", welcome).group(1))  # type: ignore[union-attr]
+    port = int(re.search(r"PostgreSQL on 127\.0\.0\.1:(\d+)", welcome).group(1))  # type: ignore[union-attr]
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    process.send_signal(stop)
+    read_until(process, "Stopped; the throwaway database is gone.")
+    assert process.wait(20) == 0
+    assert not datadir.exists()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_dev_says_how_a_container_reaches_it(dev: tuple[subprocess.Popen[str], str]) -> None:
+    _, welcome = dev
+    assert "GOTRUE_HOOK_SEND_SMS_URI=http://host.docker.internal:" in welcome
+    assert "HOST=0.0.0.0 sms-sidecar dev" in welcome and "host-gateway" in welcome
+
+
 def test_without_postgres_binaries_the_error_says_how_to_install(tmp_path: Path) -> None:
     with pytest.raises(PostgresNotFound, match="apt-get install postgresql-15"):
-        find_bindir(search_root=tmp_path, path=str(tmp_path))
+        find_bindir(search_root=tmp_path, path=str(tmp_path), homebrew_prefixes=(tmp_path,))
+
+
+def fake_tool(path: Path, script: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\n{script}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_server_binaries_are_found_through_pg_config(tmp_path: Path) -> None:
+    bindir = fake_tool(tmp_path / "pg" / "bin" / "initdb").parent
+    fake_tool(tmp_path / "path" / "pg_config", f"echo {bindir}")
+    assert find_bindir(search_root=tmp_path / "none", path=str(tmp_path / "path"), homebrew_prefixes=()) == bindir
+
+
+def test_server_binaries_are_found_in_homebrews_keg_only_postgresql_15(tmp_path: Path) -> None:
+    fake_tool(tmp_path / "usr-local" / "opt" / "postgresql" / "bin" / "initdb")
+    keg = fake_tool(tmp_path / "opt-homebrew" / "opt" / "postgresql@15" / "bin" / "initdb").parent
+    prefixes = (tmp_path / "usr-local", tmp_path / "opt-homebrew")
+    assert find_bindir(search_root=tmp_path, path=str(tmp_path / "empty"), homebrew_prefixes=prefixes) == keg
 
 
 def check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -145,3 +188,27 @@ def test_check_reports_configuration_errors_first(database: Database, fake: Fake
         "FAIL  configuration: ALIYUN_SMS_TEMPLATE_CODE is not set (needed by SMS_PROVIDER=aliyun; "
         "use SMS_PROVIDER=console to develop)"
     ]
+
+
+@pytest.mark.parametrize("command", ["check", "migrate", "serve", "grpc"])
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql//sms:hunter2secret@127.0.0.1:5432/postgres", "postgres:/sms:hunter2secret@h/db",
+     "host=127.0.0.1 password=hunter2secret user"],
+)  # fmt: skip
+def test_a_malformed_database_url_stops_every_command_without_its_password(command: str, url: str) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "ALIYUN_", "SEND_SMS", "SMS_"))}
+    env = {
+        **base,
+        "DATABASE_URL": url,
+        "SMS_PROVIDER": "console",
+        "PORT": str(free_port()),
+        "GRPC_PORT": str(free_port()),
+    }
+    result = subprocess.run([sys.executable, "-m", "sidecar", command], env=env, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "hunter2secret" not in output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and "DATABASE_URL" in lines[0] and "***" in lines[0], output

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from gotrue import generate_secret
 
-from sidecar.config import DEFAULT_ENDPOINT, Config, ConfigError, GrpcConfig
+from sidecar.config import DEFAULT_ENDPOINT, Config, ConfigError, GrpcConfig, check_database_url, mask_password
 from sidecar.logs import mask_phone
 
 SECRET = generate_secret()
@@ -187,3 +187,26 @@ def test_grpc_without_a_token_fails_fast_with_one_line(command: str) -> None:
 )
 def test_phone_masking_keeps_country_code_and_last_four(phone: str, masked: str) -> None:
     assert mask_phone(phone) == masked
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("postgresql://u:pw@h:5432/db", "postgresql://u:***@h:5432/db"),
+        ("postgresql//sms:hunter2@127.0.0.1/postgres", "postgresql//sms:***@127.0.0.1/postgres"),
+        ("postgres://u:p@ss:w@rd@h/db", "postgres://u:***@h/db"),  # '@' in the password
+        ("postgresql//u:p/w@h/db", "postgresql//u:***@h/db"),
+        ("sms:hunter2@host", "sms:***@host"),
+        ("host=h password=secret user=x", "host=h password=*** user=x"),
+        ("host=h password='a b' user=x", "host=h password=*** user=x"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+    ],
+)
+def test_mask_password_hides_the_password_even_in_malformed_urls(url: str, masked: str) -> None:
+    assert mask_password(url) == masked
+
+
+def test_a_database_url_libpq_cannot_parse_is_a_config_error_without_the_password() -> None:
+    with pytest.raises(ConfigError, match=r"DATABASE_URL is not a PostgreSQL URL \(postgresql//u:\*\*\*@h/db\)"):
+        check_database_url("postgresql//u:hunter2@h/db")
+    check_database_url("postgresql://u:hunter2@h/db")

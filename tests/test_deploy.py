@@ -488,6 +488,20 @@ def test_dockerfile_is_multi_stage_on_python_311_slim(stages: list[Stage], final
     assert "pip wheel" in builder_runs
 
 
+def test_image_installs_the_locked_runtime_dependencies(stages: list[Stage]) -> None:
+    # CI tests requirements/dev.txt; the image must ship the same pins (runtime.txt is its subset).
+    builder_runs = " ".join(" ".join(stage.all("RUN")) for stage in stages[:-1])
+    assert "--require-hashes -r requirements/runtime.txt" in builder_runs
+    assert "--no-deps" in builder_runs.split("requirements/runtime.txt", 1)[1]
+    pins = {
+        line.split(" ")[0] for line in (ROOT / "requirements" / "runtime.txt").read_text().splitlines() if "==" in line
+    }
+    dev = {line.split(" ")[0] for line in (ROOT / "requirements" / "dev.txt").read_text().splitlines() if "==" in line}
+    assert pins and pins <= dev, sorted(pins - dev)
+    names = {pin.split("==")[0] for pin in pins}
+    assert {"standardwebhooks", "psycopg", "starlette", "uvicorn", "alibabacloud-dysmsapi20170525", "grpcio"} <= names
+
+
 def test_final_stage_runs_as_non_root(final: Stage) -> None:
     user = final.last("USER")
     assert user is not None, "no USER: the container would run as root"

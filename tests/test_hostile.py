@@ -24,7 +24,6 @@ import socket
 import statistics
 import threading
 import time
-import types
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +40,6 @@ from hypothesis import HealthCheck, Phase, event, given, settings as fuzz_settin
 from postgrest import SERVICE, Caller, PostgREST, Response, user
 from servers import run_app, sidecar_url
 
-import sidecar.webhook
 from sidecar.app import create_app
 from sidecar.config import AliyunConfig, Config, WorkerConfig
 from sidecar.hook import MAX_BODY_BYTES
@@ -325,8 +323,9 @@ header_bytes = st.one_of(
 )
 
 
-GOOD_MODES = ["good", "good-among-junk", "good-trailing-comma"]
+GOOD_MODES = ["good", "good-among-junk"]
 BAD_MODES = [
+    "good-trailing-comma",  # GoTrue joins with ", " and never ends with a comma
     "retired-key",
     "other-version",
     "asymmetric-version",
@@ -1146,20 +1145,18 @@ def test_a_body_re_signed_under_new_ids_sends_one_sms(
     assert len(fake.sends) == 1
 
 
-def test_a_replay_six_minutes_later_is_refused(
-    hook: InProcess, fake: FakeAliyun, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_replay_six_minutes_later_is_refused(hook: InProcess, fake: FakeAliyun) -> None:
     body = go_json(otp_login(NEW, phone=fresh_phone()))
     headers = signed(body)
     assert hook.post(body, headers).json() == {}
     assert hook.post(body, headers).json() == {}  # within the window: the same event, not sent again
-    later = time.time() + 360
-    monkeypatch.setattr(sidecar.webhook, "time", types.SimpleNamespace(time=lambda: later))
-    replay = hook.post(body, headers)
+    # The same request as captured six minutes ago (the verifier reads the wall clock itself).
+    captured = signed(body, timestamp=int(time.time()) - 360)
+    replay = hook.post(body, captured)
     assert replay.status_code == 401 and answer_kind(replay) == "error"
-    # Nor does a fresh body with a stolen old signature pass.
+    # Nor does a fresh body with a stolen old signature pass, under a current timestamp.
     other = go_json(otp_login(NEW, phone=fresh_phone()))
-    assert hook.post(other, {**headers, "webhook-timestamp": str(int(later))}).status_code == 401
+    assert hook.post(other, {**captured, "webhook-timestamp": str(int(time.time()))}).status_code == 401
     assert len(fake.sends) == 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -33,7 +34,14 @@ def pgtap(database: Database) -> Database:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("create extension if not exists pgtap with schema extensions")
     except psycopg.Error as exc:
-        pytest.fail(f"pgTAP is not installed on the test server (apt-get install postgresql-15-pgtap): {exc}")
+        reason = (
+            "pgTAP is not installed on the test server: sudo apt-get install postgresql-15-pgtap "
+            f"(macOS: brew install pgtap) ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        )
+        # CI sets REQUIRE_PGTAP=1 (.ci/run): there a missing pgTAP is a failure, not a skip.
+        if os.environ.get("REQUIRE_PGTAP") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
     return database
 
 
