@@ -47,8 +47,12 @@ def dev() -> Iterator[tuple[subprocess.Popen[str], str]]:
     try:
         yield process, read_until(process, "Ctrl-C stops")
     finally:
-        if process.poll() is None:
-            process.kill()
+        if process.poll() is None:  # SIGTERM, so that it removes its cluster; SIGKILL would orphan it
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
         process.wait(10)
         assert process.stdout is not None
         process.stdout.close()
