@@ -100,12 +100,14 @@ def serve(config: Config, on_started: Callable[[], None] | None = None) -> None:
 
     from sidecar.app import create_app
     from sidecar.logs import configure
+    from sidecar.slow_clients import bounded_h11
 
     configure()
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(config), host=config.host, port=config.port, log_config=None, access_log=False,
             timeout_graceful_shutdown=10, backlog=1024,
+            http=bounded_h11(config.http_request_timeout_seconds, config.http_max_connections),
         )
     )  # fmt: skip
     if on_started is not None:

@@ -178,6 +178,9 @@ class Config:
     port: int = 8090
     worker: WorkerConfig = WorkerConfig()
     grpc: GrpcConfig = GrpcConfig()
+    # Slow clients (sidecar/slow_clients.py): seconds for each request to arrive, connections held at once.
+    http_request_timeout_seconds: float = 10.0
+    http_max_connections: int = 500  # below the usual soft limit of 1024 file descriptors
 
     def __repr__(self) -> str:
         secrets = len(self.hook_secrets)
@@ -221,6 +224,10 @@ class Config:
             port=int(port_text),
             worker=WorkerConfig.from_env(get),
             grpc=GrpcConfig.from_env(get),
+            http_request_timeout_seconds=_number(
+                get, "HTTP_REQUEST_TIMEOUT_SECONDS", cls.http_request_timeout_seconds, float, 1.0, 300.0
+            ),
+            http_max_connections=_number(get, "HTTP_MAX_CONNECTIONS", cls.http_max_connections, int, 1, 100_000),
         )
 
 

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -55,14 +56,25 @@ async def call(
     query: str,
     params: dict[str, Any],
     timeout: float,
+    role: str | None = None,
 ) -> Any:
-    """Run one statement (its own transaction) and return the first column of its row."""
+    """Run one statement (its own transaction) and return the first column of its row.
+
+    With `role`, the statement runs as that role (`set local role`), which the login must be a member
+    of: the gRPC functions belong to `sms_grpc`, not to every sidecar process.
+    """
     async with pool.connection(timeout=timeout) as conn:
         try:
-            cur = await conn.execute(query, params)
+            if role is None:
+                cur = await conn.execute(query, params)
+                row = await cur.fetchone()
+            else:
+                async with conn.transaction():
+                    await conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
+                    cur = await conn.execute(query, params)
+                    row = await cur.fetchone()
         except psycopg.Error as exc:
             if exc.sqlstate == "PGRST":
                 raise ApiError.from_pgrst(exc) from None
             raise
-        row = await cur.fetchone()
     return next(iter(row.values())) if row else None

@@ -130,13 +130,19 @@ def settings(database: Database) -> Iterator[Any]:
         )
 
     yield change
+    # Every policy column, so one added by a later migration is restored too.
+    columns = [
+        sql.Identifier(name)
+        for (name,) in database.execute(
+            "select attname from pg_attribute where attrelid = 'sms.settings'::regclass and attnum > 0"
+            " and not attisdropped and attname not in ('id', 'updated_at') order by attnum"
+        )
+    ]
     database.execute(
-        "update sms.settings as s set (code_ttl_seconds, code_length, max_attempts, resend_cooldown_seconds,"
-        " daily_limit_per_phone, hourly_limit_per_user, hourly_limit_per_ip, allowed_country_codes,"
-        " allow_anon, test_codes) = (select r.code_ttl_seconds, r.code_length, r.max_attempts,"
-        " r.resend_cooldown_seconds, r.daily_limit_per_phone, r.hourly_limit_per_user, r.hourly_limit_per_ip,"
-        " r.allowed_country_codes, r.allow_anon, r.test_codes"
-        " from jsonb_populate_record(null::sms.settings, %s) as r) where s.id",
+        sql.SQL(
+            "update sms.settings as s set ({}) = (select {} from jsonb_populate_record(null::sms.settings, %s) as r)"
+            " where s.id"
+        ).format(sql.SQL(", ").join(columns), sql.SQL(", ").join(sql.SQL("r.") + c for c in columns)),
         [psycopg.types.json.Jsonb(saved)],
     )
 

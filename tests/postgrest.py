@@ -36,12 +36,13 @@ class Caller:
     role: str = "anon"
     sub: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    is_anonymous: bool = False  # a Supabase anonymous sign-in: role authenticated, a fresh sub each
 
     @property
     def claims(self) -> dict[str, Any]:
         claims: dict[str, Any] = {"role": self.role}
         if self.sub is not None:
-            claims.update(sub=self.sub, aud="authenticated")
+            claims.update(sub=self.sub, aud="authenticated", is_anonymous=self.is_anonymous)
         return claims
 
 

@@ -89,6 +89,14 @@ def serving(sidecar: SidecarProcess) -> bool:
         return False
 
 
+@pytest.fixture(scope="module", autouse=True)
+def grpc_role(database: Database) -> Iterator[None]:
+    """What docs/grpc-migration.md tells the operator: the login that runs gRPC gets sms_grpc."""
+    database.execute("grant sms_grpc to sms_sidecar")
+    yield
+    database.execute("revoke sms_grpc from sms_sidecar")
+
+
 @pytest.fixture(scope="module")
 def server(database: Database, fake: FakeAliyun) -> Iterator[SidecarProcess]:
     drain_queue(database)  # leftovers of other modules must not reach this fake
@@ -107,8 +115,8 @@ def _isolated(fake: FakeAliyun, database: Database, settings: Any) -> None:
     drain_queue(database)
     fake.reset()
     # Many codes to few numbers from one test process: the limits are tested on purpose below only.
-    settings(resend_cooldown_seconds=None, daily_limit_per_phone=None, hourly_limit_per_user=None,
-             hourly_limit_per_ip=None)  # fmt: skip
+    settings(resend_cooldown_seconds=None, daily_limit_per_phone=None, hourly_limit_per_phone=None,
+             hourly_limit_per_user=None, hourly_limit_per_ip=None)  # fmt: skip
 
 
 def sent_to(fake: FakeAliyun, phone: str) -> list[Any]:
@@ -537,3 +545,22 @@ def test_the_base_install_never_imports_grpc() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_without_the_grpc_role_the_login_cannot_issue_or_check_codes(
+    database: Database, stub: Any, fake: FakeAliyun
+) -> None:
+    # Least privilege: a sidecar login that was not given sms_grpc holds no gRPC code function.
+    database.execute("revoke sms_grpc from sms_sidecar")
+    try:
+        for call, request in (
+            (stub.SendSMS, pb.SendSMSRequest(phone_number=fresh_phone())),
+            (stub.Valid, pb.ValidRequest(phone_number=fresh_phone(), code="123456")),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                call(request, metadata=AUTH, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "sms_grpc" in (caught.value.details() or "")
+        assert fake.sends == []
+    finally:
+        database.execute("grant sms_grpc to sms_sidecar")

@@ -24,31 +24,34 @@ def assert_limited(response: Response, limit: str, low: int, high: int) -> None:
     assert str(details["retry_after"]) in response.body["message"]
 
 
-def test_resend_cooldown_per_phone(api: PostgREST, phone: str) -> None:
-    first = ask(api, phone, user())
+def test_resend_cooldown_per_phone_and_requester(api: PostgREST, phone: str) -> None:
+    alice = user()
+    first = ask(api, phone, alice)
     assert first.status == 200 and first.body["retry_after"] == 60
-    assert_limited(ask(api, phone, user()), "resend_cooldown", 58, 60)
-    # Other numbers are unaffected.
-    assert ask(api, fresh_phone(), user()).status == 200
+    assert_limited(ask(api, phone, alice), "resend_cooldown", 58, 60)
+    # Other numbers are unaffected, and so is anyone else asking for this one.
+    assert ask(api, fresh_phone(), alice).status == 200
+    assert ask(api, phone, user()).status == 200
 
 
 def test_cooldown_ends(api: PostgREST, database: Database, phone: str) -> None:
-    assert ask(api, phone, user()).status == 200
+    alice = user()
+    assert ask(api, phone, alice).status == 200
     database.execute("update sms.outbox set created_at = created_at - interval '61 seconds' where phone = %s", [phone])
-    assert ask(api, phone, user()).status == 200
+    assert ask(api, phone, alice).status == 200
 
 
 def test_daily_limit_per_phone(api: PostgREST, database: Database, settings: Any, phone: str) -> None:
     settings(resend_cooldown_seconds=None, daily_limit_per_phone=3)
     for _ in range(3):
-        assert ask(api, phone, user()).status == 200
+        assert ask(api, phone, SERVICE).status == 200
     # Age the oldest send: the wait is until it leaves the 24-hour window.
     database.execute(
         "update sms.outbox set created_at = created_at - interval '23 hours' where id = "
         "(select id from sms.outbox where phone = %s order by created_at limit 1)",
         [phone],
     )
-    assert_limited(ask(api, phone, user()), "daily_limit_per_phone", 3595, 3600)
+    assert_limited(ask(api, phone, SERVICE), "daily_limit_per_phone", 3595, 3600)
 
 
 def test_hourly_limit_per_user(api: PostgREST, settings: Any) -> None:
@@ -85,21 +88,26 @@ def test_service_role_still_has_the_phone_limits(api: PostgREST, phone: str) -> 
 
 
 def test_null_disables_a_limit(api: PostgREST, settings: Any, phone: str) -> None:
-    settings(resend_cooldown_seconds=None, daily_limit_per_phone=None)
+    settings(resend_cooldown_seconds=None, daily_limit_per_phone=None, hourly_limit_per_phone=None)
+    for _ in range(12):
+        assert ask(api, phone, SERVICE).status == 200
+    settings(others_hourly_limit_per_phone=None, others_daily_limit_per_phone=None)
     for _ in range(12):
         assert ask(api, phone, user()).status == 200
 
 
 def test_limited_requests_leave_nothing_behind(api: PostgREST, database: Database, phone: str) -> None:
-    assert ask(api, phone, user()).status == 200
-    assert ask(api, phone, user()).status == 429
+    alice = user()
+    assert ask(api, phone, alice).status == 200
+    assert ask(api, phone, alice).status == 429
     assert database.one("select count(*) from sms.outbox where phone = %s", [phone]) == 1
     assert database.one("select count(*) from sms.codes where phone = %s", [phone]) == 1
 
 
 def test_concurrent_requests_cannot_race_past_the_cooldown(api: PostgREST, database: Database, phone: str) -> None:
+    alice = user()
     with ThreadPoolExecutor(16) as pool:
-        statuses = list(pool.map(lambda _: ask(api, phone, user()).status, range(16)))
+        statuses = list(pool.map(lambda _: ask(api, phone, alice).status, range(16)))
     assert sorted(statuses) == [200] + [429] * 15
     assert database.one("select count(*) from sms.outbox where phone = %s", [phone]) == 1
 

@@ -49,6 +49,7 @@ POLL_SECONDS = 0.05  # how often SendSMS looks at its message while the worker s
 MAX_WAIT_SECONDS = 8.0  # longest SendSMS waits for the provider's answer
 DEADLINE_MARGIN = 0.2  # answer this long before the caller's deadline, so the answer reaches it
 DB_TIMEOUT_SECONDS = 5.0
+GRPC_ROLE = "sms_grpc"  # holds the gRPC code functions; the login needs: grant sms_grpc to <login>
 HEALTH_INTERVAL = 1.0
 SHUTDOWN_GRACE = MAX_WAIT_SECONDS + 2.0  # calls in flight may be waiting for a delivery
 
@@ -99,6 +100,7 @@ class PhoneNumberService:
                 {"phone": phone, "sign": pair[0] if pair else None, "template": pair[1] if pair else None},
                 deadline,
                 fields,
+                role=GRPC_ROLE,
             )
         except ApiError as exc:
             if exc.status == 429:
@@ -153,7 +155,8 @@ class PhoneNumberService:
         fields = {"phone": mask_phone(phone)}
         try:
             result = await self._db(context, "select sms.grpc_verify_code(%(phone)s, %(code)s)",
-                                    {"phone": phone, "code": code}, _deadline(context), fields)  # fmt: skip
+                                    {"phone": phone, "code": code}, _deadline(context), fields,
+                                    role=GRPC_ROLE)  # fmt: skip
         except ApiError as exc:  # a malformed number or code: the original answered false
             log.info("Valid: refused input", extra={**fields, "reason": exc.code})
             return pb.ValidResponse(valid=False)
@@ -181,11 +184,18 @@ class PhoneNumberService:
         deadline: float,
         fields: dict[str, Any],
         unavailable: str = "the database is unavailable, try again",
+        role: str | None = None,
     ) -> Any:
         """One statement, answered by `deadline`; only ApiError (the SQL core's refusals) reaches the caller."""
         timeout = max(0.05, min(DB_TIMEOUT_SECONDS, deadline - time.monotonic()))
         try:
-            return await asyncio.wait_for(call(self.rt.pool, query, params, timeout=timeout), timeout)
+            return await asyncio.wait_for(call(self.rt.pool, query, params, timeout=timeout, role=role), timeout)
+        except psycopg.errors.InsufficientPrivilege:
+            # The operator has not given this login the gRPC role (least privilege: docs/grpc-migration.md).
+            log.error("gRPC call: the database login may not act as sms_grpc; run: grant sms_grpc to <login>",
+                      extra=fields)  # fmt: skip
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         "the sidecar's database login lacks the sms_grpc role")  # fmt: skip
         except _UNREACHABLE as exc:
             log.warning("gRPC call: database unavailable", extra={**fields, "error": type(exc).__name__})
             await _abort(context, grpc.StatusCode.UNAVAILABLE, unavailable)

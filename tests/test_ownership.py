@@ -1,0 +1,233 @@
+"""Who owns which code and which sending budget (README, "Security model").
+
+A code belongs to whoever asked for it (a user, the backend, the gRPC API, an anonymous caller at one
+address); nobody else's request supersedes it and nobody else's guesses count against it. A phone's
+sends are counted per requester (cooldown) and per phone (hourly, daily); callers who do not own
+the number share a small part of that, so they can neither lock the owner out nor bomb the number.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import Database, fresh_phone
+from gotrue import go_json, make_metadata, otp_login
+from postgrest import ANON, SERVICE, Caller, PostgREST, Response, user
+from test_pg_hook import call_hook
+
+
+def ask(api: PostgREST, phone: str, caller: Caller) -> Response:
+    return api.rpc("request_phone_code", {"phone": phone}, caller)
+
+
+def check(api: PostgREST, phone: str, code: str, caller: Caller) -> Any:
+    response = api.rpc("verify_phone_code", {"phone": phone, "code": code}, caller)
+    assert response.status == 200, response.body
+    return response.body
+
+
+def code_of(database: Database, response: Response) -> str:
+    assert response.status == 200, response.body
+    code: str = database.one("select code from sms.outbox where code_id = %s", [response.body["request_id"]])
+    return code
+
+
+def wrong(code: str) -> str:
+    return f"{(int(code) + 1) % 10 ** len(code):0{len(code)}d}"
+
+
+def limits_hit(response: Response) -> list[str]:
+    assert response.status == 429, response.body
+    return list(json.loads(response.body["details"])["limits"])
+
+
+def owner_of(database: Database, phone: str) -> Caller:
+    """A signed-in user whose Supabase Auth phone is this number."""
+    uid = str(uuid.uuid4())
+    database.execute("insert into auth.users (id, phone) values (%s, %s)", [uid, phone])
+    return user(uid)
+
+
+def test_another_users_request_neither_supersedes_nor_cools_down_the_owners_code(
+    api: PostgREST, database: Database
+) -> None:
+    phone = fresh_phone()
+    owner, stranger = owner_of(database, phone), user()
+    assert ask(api, phone, stranger).status == 200  # no cooldown against the owner follows from this
+    mine = code_of(database, ask(api, phone, owner))
+    assert ask(api, phone, user()).status == 200  # another stranger: the owner's code stays valid
+    assert check(api, phone, mine, owner) == {"valid": True}
+
+
+def test_nobody_elses_guesses_count_against_a_code(api: PostgREST, database: Database, settings: Any) -> None:
+    settings(max_attempts=3)
+    phone = fresh_phone()
+    owner = owner_of(database, phone)
+    mine = code_of(database, ask(api, phone, owner))
+    for caller in (user(), user(), user(), SERVICE, SERVICE, SERVICE):
+        assert check(api, phone, wrong(mine), caller)["reason"] == "not_found"
+        assert check(api, phone, mine, caller)["reason"] == "not_found"  # and the right code is not theirs
+    assert database.one("select attempts from sms.codes where phone = %s", [phone]) == 0
+    assert check(api, phone, mine, owner) == {"valid": True}
+
+
+def test_anonymous_callers_cannot_guess_away_a_code_the_backend_requested(
+    api: PostgREST, database: Database, settings: Any
+) -> None:
+    settings(allow_anon=True, max_attempts=3)
+    phone = fresh_phone()
+    backend = code_of(database, ask(api, phone, SERVICE))
+    for _ in range(5):
+        assert check(api, phone, wrong(backend), ANON)["reason"] == "not_found"
+    assert check(api, phone, backend, SERVICE) == {"valid": True}
+    # Anonymous callers own codes by address: another address can neither use nor kill them.
+    here, there = (
+        Caller("anon", headers={"x-real-ip": "198.51.100.20"}),
+        Caller("anon", headers={"x-real-ip": "198.51.100.21"}),
+    )
+    theirs = code_of(database, ask(api, phone, here))
+    for _ in range(5):
+        assert check(api, phone, theirs, there)["reason"] == "not_found"
+    assert check(api, phone, theirs, here) == {"valid": True}
+
+
+def test_others_cannot_use_up_the_owners_room_for_auth_logins(
+    api: PostgREST, database: Database, settings: Any
+) -> None:
+    # Aliyun's own default: 5 per number and sign per hour. Strangers may take 2 of them, never more.
+    settings(resend_cooldown_seconds=None, hourly_limit_per_phone=5, others_hourly_limit_per_phone=2,
+             hourly_limit_per_user=None, hourly_limit_per_ip=None)  # fmt: skip
+    phone = fresh_phone()
+    strangers = [ask(api, phone, user(x_real_ip=f"203.0.113.{n}")) for n in range(1, 11)]
+    assert [a.status for a in strangers] == [200] * 2 + [429] * 8
+    assert all("others_hourly_limit_per_phone" in limits_hit(a) for a in strangers[2:])
+    # The owner signs in through Supabase Auth three times within the hour: all go out.
+    logins = [call_hook(database, go_json(otp_login((2, 196, 0), phone=phone))) for _ in range(3)]
+    assert logins == [{}] * 3
+    assert database.one("select count(*) from sms.outbox where phone = %s and by_owner", [phone]) == 3
+    # The number's own limit still holds for everyone: no sixth SMS this hour.
+    assert call_hook(database, go_json(otp_login((2, 196, 0), phone=phone)))["error"]["http_code"] == 429
+
+
+def test_a_user_requesting_their_own_auth_phone_is_the_owner(api: PostgREST, database: Database, settings: Any) -> None:
+    settings(resend_cooldown_seconds=None, hourly_limit_per_phone=5, others_hourly_limit_per_phone=0)
+    phone = fresh_phone()
+    assert "others_hourly_limit_per_phone" in limits_hit(ask(api, phone, user()))
+    assert ask(api, phone, owner_of(database, phone)).status == 200
+
+
+@pytest.mark.parametrize("isolation", ["read committed", "repeatable read", "serializable"])
+def test_limits_hold_at_every_isolation_level(database: Database, settings: Any, isolation: str) -> None:
+    settings(resend_cooldown_seconds=60, hourly_limit_per_user=5, hourly_limit_per_ip=None)
+    alice, phone = str(uuid.uuid4()), fresh_phone()
+    start = threading.Barrier(30)
+
+    def request(n: int) -> str:
+        # PostgREST's way of calling, in a transaction whose snapshot is taken before anyone commits.
+        with psycopg.connect(database.url) as conn:
+            conn.execute(f"set transaction isolation level {isolation}")
+            conn.execute("set local role authenticated")
+            claims = json.dumps({"role": "authenticated", "sub": alice})
+            conn.execute("select set_config('request.jwt.claims', %s, true)", [claims])
+            conn.execute("select 1").fetchone()
+            start.wait()
+            try:
+                # Half of them to one phone (the cooldown), half to their own numbers (the user limit).
+                conn.execute("select public.request_phone_code(%s)", [phone if n % 2 else fresh_phone()])
+                conn.commit()
+            except psycopg.Error as exc:
+                conn.rollback()
+                if exc.sqlstate == "PGRST":
+                    return str(json.loads(exc.diag.message_primary or "{}")["code"])
+                return f"sqlstate {exc.sqlstate}"
+            return "ok"
+
+    with ThreadPoolExecutor(30) as pool:
+        outcomes = list(pool.map(request, range(30)))
+    sent_to_phone = database.one("select count(*) from sms.outbox where phone = %s", [phone])
+    sent_by_alice = database.one("select count(*) from sms.outbox where user_id = %s", [alice])
+    assert sent_to_phone <= 1 and sent_by_alice <= 5, outcomes
+    assert outcomes.count("ok") == sent_by_alice
+    # Whatever was refused was refused as over a limit, or as a conflict worth retrying.
+    retryable = {"over_sms_send_rate_limit", "concurrent_request", "sqlstate 40001"}
+    assert set(outcomes) - {"ok"} <= retryable, outcomes
+    if isolation == "read committed":
+        assert sent_by_alice == 5 and sent_to_phone == 1
+
+
+@pytest.mark.parametrize(
+    "forms",
+    [
+        ["198.51.100.{n}", "198.51.100.{n}/24", "198.51.100.{n}/32", "::ffff:198.51.100.{n}"],
+        ["2001:db8:{n}:1::1", "2001:db8:{n}:1::2", "2001:DB8:{n}:1:0:0:0:3", "2001:db8:{n}:1::4/128"],
+    ],
+    ids=["ipv4", "ipv6-per-64"],
+)
+def test_one_host_is_counted_once_however_its_address_is_written(
+    api: PostgREST, settings: Any, forms: list[str]
+) -> None:
+    settings(hourly_limit_per_ip=3, hourly_limit_per_user=None)
+    n = uuid.uuid4().int % 200 + 1
+    answers = [ask(api, fresh_phone(), user(x_real_ip=form.format(n=n))) for form in forms]
+    assert [a.status for a in answers] == [200, 200, 200, 429], [a.body for a in answers]
+    assert limits_hit(answers[-1]) == ["hourly_limit_per_ip"]
+
+
+@pytest.mark.parametrize("header", ["not-an-address", "999.1.1.1", "198.51.100.1, garbage", ""])
+def test_an_address_header_that_is_no_address_does_not_switch_the_limit_off(
+    api: PostgREST, database: Database, settings: Any, header: str
+) -> None:
+    settings(hourly_limit_per_ip=2, hourly_limit_per_user=None)
+    database.execute("delete from sms.outbox where ip_key = 'invalid'")
+    headers = {"x_forwarded_for": header} if header else {"x_real_ip": "   "}
+    answers = [ask(api, fresh_phone(), user(**headers)) for _ in range(3)]
+    if not header:  # a blank X-Real-IP is no header at all: nothing to count
+        assert [a.status for a in answers] == [200] * 3
+        return
+    assert [a.status for a in answers] == [200, 200, 429]
+    assert limits_hit(answers[-1]) == ["hourly_limit_per_ip"]
+
+
+def anonymous_user(**headers: str) -> Caller:
+    return Caller("authenticated", str(uuid.uuid4()), {k.replace("_", "-"): v for k, v in headers.items()}, True)
+
+
+def test_anonymous_sign_ins_are_counted_per_address_not_per_fresh_user(
+    api: PostgREST, database: Database, settings: Any
+) -> None:
+    settings(hourly_limit_per_ip=3, hourly_limit_per_user=10)
+    address = f"203.0.113.{uuid.uuid4().int % 200 + 20}"
+    answers = [ask(api, fresh_phone(), anonymous_user(x_real_ip=address)) for _ in range(5)]
+    assert [a.status for a in answers] == [200] * 3 + [429] * 2
+    assert limits_hit(answers[-1]) == ["hourly_limit_per_ip"]
+    # Without an address they all share one bucket instead of escaping the limit.
+    database.execute("delete from sms.outbox where ip_key = 'unknown'")
+    answers = [ask(api, fresh_phone(), anonymous_user()) for _ in range(4)]
+    assert [a.status for a in answers] == [200] * 3 + [429]
+    # Their codes are still theirs alone.
+    phone, me = fresh_phone(), anonymous_user(x_real_ip="198.51.100.99")
+    mine = code_of(database, ask(api, phone, me))
+    assert check(api, phone, mine, anonymous_user(x_real_ip="198.51.100.99"))["reason"] == "not_found"
+    assert check(api, phone, mine, me) == {"valid": True}
+
+
+def test_anonymous_sign_ins_can_be_refused(api: PostgREST, settings: Any) -> None:
+    settings(allow_anonymous_users=False)
+    refused = ask(api, fresh_phone(), anonymous_user(x_real_ip="198.51.100.7"))
+    assert refused.status == 403 and refused.body["code"] == "anonymous_user_not_allowed"
+    assert ask(api, fresh_phone(), user(x_real_ip="198.51.100.7")).status == 200
+
+
+def test_the_hook_counts_its_address_per_host(database: Database, settings: Any) -> None:
+    settings(hourly_limit_per_ip=1)
+    n = uuid.uuid4().int % 200 + 1
+    first = otp_login((2, 196, 0), phone=fresh_phone(), metadata=make_metadata(ip_address=f"198.18.0.{n}"))
+    second = otp_login((2, 196, 0), phone=fresh_phone(), metadata=make_metadata(ip_address=f"::ffff:198.18.0.{n}"))
+    assert call_hook(database, go_json(first)) == {}
+    assert call_hook(database, go_json(second))["error"]["http_code"] == 429
