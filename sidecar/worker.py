@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 import time
+import traceback
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +22,7 @@ from sidecar.config import WorkerConfig
 from sidecar.db import call
 from sidecar.logs import mask_phone
 from sidecar.providers.base import Outcome, SendResult, Sms, Timeouts
+from sidecar.providers.errors import describe_failure
 from sidecar.runtime import Runtime
 
 __all__ = ["DeliveryWorker"]
@@ -123,8 +125,12 @@ class DeliveryWorker:
                 message["started"] = True
                 result = await self.rt.run_blocking(self.rt.provider.send, sms, SEND_TIMEOUTS)
         except Exception as exc:  # a provider bug must not kill the worker or lose the message
-            log.exception("delivery raised", extra={"delivery_id": message["delivery_id"]})
-            result = SendResult(Outcome.AMBIGUOUS, "WorkerError", type(exc).__name__, status=500)
+            # No traceback: exception texts from an HTTP stack quote the request URL, phone and code included.
+            frames = traceback.extract_tb(exc.__traceback__)
+            where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
+            fields = {"delivery_id": message["delivery_id"], "error": type(exc).__name__, "where": where}
+            log.error("delivery raised", extra=fields)
+            result = SendResult(Outcome.AMBIGUOUS, "WorkerError", describe_failure(exc)[1], status=500)
         latency_ms = int((time.monotonic() - started) * 1000)
         status = await self._finish(message, result, latency_ms)
         self._observe(message, result, status, latency_ms)
@@ -135,8 +141,8 @@ class DeliveryWorker:
         try:
             found = await self.rt.run_blocking(self.rt.provider.find_sent, message["phone"], out_ids,
                                                message["created_at"])  # fmt: skip
-        except Exception as exc:
-            return SendResult(Outcome.AMBIGUOUS, "ReconcileFailed", str(exc)[:300], status=503)
+        except Exception as exc:  # the text is built from the error's class, never from its message
+            return SendResult(Outcome.AMBIGUOUS, "ReconcileFailed", describe_failure(exc)[1], status=503)
         if found is not None:
             log.info("ambiguous attempt found delivered; not resending",
                      extra={"delivery_id": message["delivery_id"]})  # fmt: skip

@@ -135,3 +135,31 @@ def test_migrate_can_give_the_sidecar_role_its_login(empty_db: tuple[str, str]) 
     assert can_login is True
     # Only the SCRAM verifier reached the server, never the password itself.
     assert str(stored).startswith("SCRAM-SHA-256$") and "s3cret-from-env" not in str(stored)
+
+
+def test_upgrading_keeps_codes_and_scrubs_request_text_from_stored_errors(
+    empty_db: tuple[str, str], tmp_path: Path
+) -> None:
+    """From the first release to now: outstanding codes keep their owner, and connection errors that
+    quoted the request (number and code) are reduced to their code."""
+    url, _ = empty_db
+    first_release = [m for m in bundled() if m.version <= "20261121000002"]
+    for migration in first_release:
+        (tmp_path / migration.path.name).write_text(migration.sql, encoding="utf-8")
+    assert run_migrate(url, "--dir", str(tmp_path)).returncode == 0
+    leak = "ConnectionError: https://dysmsapi.aliyuncs.com/?PhoneNumbers=13012345678&TemplateParam=%7B%22code%22"
+    uid = str(uuid.uuid4())
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "select set_config('request.jwt.claims', %s, false)", [f'{{"role": "authenticated", "sub": "{uid}"}}']
+        )
+        (issued,) = conn.execute("select sms.request_code('+8613012345678', 'default')").fetchone()  # type: ignore[misc]
+        conn.execute(
+            "update sms.outbox set status = 'failed', code = null, provider_code = 'ConnectFailed', last_error = %s"
+            " where code_id = %s",
+            [leak, issued["request_id"]],
+        )
+    assert run_migrate(url).returncode == 0
+    assert scalar(url, "select last_error from sms.outbox") == "ConnectFailed"
+    assert scalar(url, "select owner from sms.codes") == f"user:{uid}"
+    assert scalar(url, "select requester from sms.outbox") == f"user:{uid}"

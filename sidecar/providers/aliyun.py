@@ -16,6 +16,7 @@ from typing import Any
 from sidecar.config import AliyunConfig
 from sidecar.logs import silence_sdk_logger
 from sidecar.providers.base import Outcome, SendResult, Sms, Timeouts
+from sidecar.providers.errors import CONNECT_PHASE, Failure, ProviderError, describe_failure, provider_text
 
 __all__ = ["AliyunProvider", "classify_business_error"]
 
@@ -26,13 +27,11 @@ _CHINA = timezone(timedelta(hours=8))  # Aliyun keeps send records by China Stan
 _NUMBER = {"isv.MOBILE_NUMBER_ILLEGAL", "isv.MOBILE_COUNT_OVER_LIMIT", "isv.DOMESTIC_NUMBER_NOT_SUPPORTED"}
 _ACCOUNT_CAP = {"isv.DAY_LIMIT_CONTROL", "isv.MONTH_LIMIT_CONTROL"}
 _TRANSIENT = {"isp.SYSTEM_ERROR", "isp.GATEWAY_ERROR", "isp.UNKNOWN"}
-# Connect-phase failures: the request never left, so a retry cannot send twice.
-_CONNECT_MARKERS = ("NewConnectionError", "ConnectTimeout", "Connection refused", "Failed to resolve",
-                    "Name or service not known", "nodename nor servname")  # fmt: skip
 
 
 def classify_business_error(code: str, message: str) -> SendResult:
     """An HTTP 200 answer whose Code is not OK: Aliyun did not send."""
+    message = provider_text(message)
     if code == "isv.BUSINESS_LIMIT_CONTROL":
         # Per-number flow control; the message names the window (分钟级 / 小时级 / 天级).
         wait = 86400 if "天级" in message else 3600 if "小时级" in message else 60
@@ -48,24 +47,28 @@ def classify_business_error(code: str, message: str) -> SendResult:
     return SendResult(Outcome.REJECTED, code, message, status=500, alert=True)
 
 
-def _classify_exception(exc: Exception) -> SendResult:
+def _classify_exception(exc: Exception, endpoint: str) -> SendResult:
+    """An SDK exception as a result whose message is safe to store and show (see providers/errors.py)."""
     from alibabacloud_tea_openapi.exceptions import ServerException, ThrottlingException
-    from darabonba.exceptions import UnretryableException
+    from darabonba.exceptions import ResponseException, UnretryableException
 
-    if isinstance(exc, UnretryableException):
-        inner = repr(getattr(exc, "inner_exception", None) or exc)
-        if "RetryError" in inner:
-            if any(marker in inner for marker in _CONNECT_MARKERS):
-                return SendResult(Outcome.RETRY, "ConnectFailed", _short(inner), status=503, connect_failure=True)
-            # Read timeout or a dropped reply: Aliyun may have sent it.
-            return SendResult(Outcome.AMBIGUOUS, "NoResponse", _short(inner), status=504)
-        if "Disconnected" in inner or "Timeout" in inner:
-            return SendResult(Outcome.AMBIGUOUS, "NoResponse", _short(inner), status=504)
-        # An error page that is not JSON (a proxy in between failed): the API did not take it.
-        return SendResult(Outcome.RETRY, "BadGateway", _short(inner), status=502)
+    if not isinstance(exc, ResponseException):  # no answer from the API
+        kind, message = describe_failure(exc, endpoint)
+        if kind in CONNECT_PHASE:
+            return SendResult(Outcome.RETRY, "ConnectFailed", message, status=503, connect_failure=True)
+        if kind is Failure.BAD_ANSWER or (kind is Failure.OTHER and isinstance(exc, UnretryableException)):
+            # An error page that is not JSON (a proxy in between failed): the API did not take it.
+            return SendResult(Outcome.RETRY, "BadGateway", message, status=502)
+        if kind is not Failure.OTHER:
+            # Read timeout, reset, a dropped reply, TLS trouble: Aliyun may have sent it.
+            return SendResult(Outcome.AMBIGUOUS, "NoResponse", message, status=504)
+        # Raised before any request (credentials) or a bug: an operator has to look.
+        return SendResult(Outcome.REJECTED, type(exc).__name__, message, status=500, alert=True)
 
+    # A JSON error answer. Its Message is Aliyun's own text, which is kept, cut short of any request echo.
     code = str(getattr(exc, "code", "") or type(exc).__name__)
-    message = str((getattr(exc, "data", None) or {}).get("Message") or getattr(exc, "message", "") or exc)
+    data = getattr(exc, "data", None) or {}
+    message = provider_text(str(data.get("Message") or getattr(exc, "message", "") or code))
     request_id = _none_if_missing(getattr(exc, "request_id", None))
     if isinstance(exc, ThrottlingException) or code.startswith("Throttling"):
         retry_after_ms = getattr(exc, "retry_after", None)
@@ -82,10 +85,6 @@ def _classify_exception(exc: Exception) -> SendResult:
 def _none_if_missing(value: Any) -> str | None:
     # The SDK fills absent fields with the string "None".
     return None if value in (None, "", "None") else str(value)
-
-
-def _short(text: str) -> str:
-    return text[:300]
 
 
 class AliyunProvider:
@@ -156,10 +155,10 @@ class AliyunProvider:
         try:
             response = self._get_client().send_sms_with_options(request, runtime)
         except Exception as exc:  # every SDK error derives from TeaException; anything else is still a failure
-            return _classify_exception(exc)
+            return _classify_exception(exc, self.config.endpoint)
         body = response.body
         code = str(getattr(body, "code", "") or "")
-        message = str(getattr(body, "message", "") or "")
+        message = provider_text(str(getattr(body, "message", "") or ""))
         request_id = _none_if_missing(getattr(body, "request_id", None))
         if code == "OK":
             return SendResult(Outcome.ACCEPTED, code, message, biz_id=body.biz_id, request_id=request_id)
@@ -167,7 +166,10 @@ class AliyunProvider:
         return SendResult(**{**result.__dict__, "request_id": request_id})
 
     def find_sent(self, phone: str, out_ids: list[str], since: datetime) -> SendResult | None:
-        """QuerySendDetails for each China-time day since `since`, matched on our OutId."""
+        """QuerySendDetails for each China-time day since `since`, matched on our OutId.
+
+        Raises ProviderError, never the SDK's errors: their texts carry the query (the phone number).
+        """
         from alibabacloud_dysmsapi20170525.models import QuerySendDetailsRequest
         from darabonba.runtime import RuntimeOptions
 
@@ -178,9 +180,14 @@ class AliyunProvider:
         while day <= datetime.now(_CHINA).date():
             request = QuerySendDetailsRequest(phone_number=number, send_date=day.strftime("%Y%m%d"), page_size=50,
                                               current_page=1)  # fmt: skip
-            body = self._get_client().query_send_details_with_options(request, runtime).body
+            try:
+                body = self._get_client().query_send_details_with_options(request, runtime).body
+            except Exception as exc:
+                failed = _classify_exception(exc, self.config.endpoint)
+                raise ProviderError(failed.code, f"QuerySendDetails: {failed.message}") from None
             if body.code != "OK":
-                raise RuntimeError(f"QuerySendDetails answered {body.code}: {body.message}")
+                raise ProviderError(str(body.code), f"QuerySendDetails answered {body.code}: "
+                                    f"{provider_text(str(body.message or ''))}")  # fmt: skip
             details = body.sms_send_detail_dtos.sms_send_detail_dto if body.sms_send_detail_dtos else []
             for item in details or []:
                 if item.out_id in wanted and item.send_status != 2:  # 2: the carrier reported failure

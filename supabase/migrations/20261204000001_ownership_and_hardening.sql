@@ -853,6 +853,15 @@ set requester = case
     ip_key = sms.ip_key(o.client_ip)
 where o.requester is null and o.created_at > now() - interval '24 hours';
 
+-- Before this release a provider's connection error could quote the request URL (number and code)
+-- into these columns, which phone_code_status returns to the requester: keep only the error code.
+update sms.outbox as o
+set last_error = coalesce(o.provider_code, 'provider error')
+where o.last_error ~* '(PhoneNumbers|TemplateParam|https?://[^ ]*\?)';
+update sms.deliveries as d
+set provider_message = coalesce(d.provider_code, 'provider error')
+where d.provider_message ~* '(PhoneNumbers|TemplateParam|https?://[^ ]*\?)';
+
 create or replace function sms.schema_version()
 returns text
 language sql
