@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -20,7 +21,7 @@ from sidecar.migrate import bundled
 from sidecar.providers import Provider
 from sidecar.runtime import Runtime
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "from_environment"]
 
 log = logging.getLogger("sidecar")
 
@@ -68,3 +69,13 @@ def create_app(config: Config, provider: Provider | None = None) -> Starlette:
         ],
         lifespan=lifespan,
     )
+
+
+def from_environment() -> Starlette:
+    """The app of each `serve --workers N` process. uvicorn starts a worker from an import string
+    (`sidecar.app:from_environment`), not a Config, so the worker reads the environment it inherited,
+    as `serve` did (sidecar/cli.py puts the command line's settings there first)."""
+    from sidecar.logs import configure
+
+    configure()  # a new process: the parent's logging is not inherited
+    return create_app(Config.from_env(os.environ))

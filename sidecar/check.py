@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -95,9 +96,16 @@ def _provider_check(config: Config) -> Result:
 
     assert config.aliyun is not None
     provider = AliyunProvider(config.aliyun)
+
+    async def probe() -> None:
+        try:
+            # QuerySendDetails is read-only and needs the same credentials and RAM permission family as SendSms.
+            await provider.find_sent("8613800000000", ["sms-sidecar-check"], datetime.now(UTC), 10.0)
+        finally:
+            await provider.close()
+
     try:
-        # QuerySendDetails is read-only and needs the same credentials and RAM permission family as SendSms.
-        provider.find_sent("8613800000000", ["sms-sidecar-check"], datetime.now(UTC))
+        asyncio.run(probe())
     except Exception as exc:
         code = getattr(exc, "code", None) or type(exc).__name__
         hint = {

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from sidecar.config import Config, ConfigError, check_database_url
 
@@ -51,7 +53,7 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config(env: dict[str, str]) -> Config:
+def _config(env: Mapping[str, str]) -> Config:
     try:
         return Config.from_env(env)
     except ConfigError as exc:
@@ -59,15 +61,25 @@ def _config(env: dict[str, str]) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    env = dict(os.environ)
+    # Into the environment, not a copy: the workers of --workers N read their configuration from it.
     if args.host:
-        env["HOST"] = args.host
+        os.environ["HOST"] = args.host
     if args.port:
-        env["PORT"] = str(args.port)
-    config = _config(env)
+        os.environ["PORT"] = str(args.port)
+    if args.workers is not None:
+        os.environ["SMS_SIDECAR_WORKERS"] = str(args.workers)
+    config = _config(os.environ)
     if config.grpc.port is not None:
+        if config.workers > 1:  # each worker would bind GRPC_PORT, and all but one would fail to start
+            raise SystemExit(
+                "sms-sidecar: GRPC_PORT is served by one process only: with more than one worker, unset it "
+                "and run `sms-sidecar grpc` beside `serve`"
+            )
         _require_grpc()
-    serve(config)
+    if config.workers > 1:
+        serve_workers(config)
+    else:
+        serve(config)
     return 0
 
 
@@ -95,19 +107,42 @@ def _grpc(args: argparse.Namespace) -> int:
     return 0
 
 
+# uvicorn's settings for one process and for N alike. ws="none": the app has no WebSocket route, so
+# an upgrade request stays an HTTP request, under sidecar/slow_clients.py's bounds.
+_UVICORN: dict[str, Any] = {"log_config": None, "access_log": False, "timeout_graceful_shutdown": 10,
+                            "backlog": 1024, "ws": "none"}  # fmt: skip
+
+
+def _loop() -> str:
+    """uvloop where it installs (uvicorn[standard]; not on Windows), else asyncio's own loop."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def _announce(config: Config, loop: str, workers: int) -> None:
+    from sidecar.slow_clients import HTTP
+
+    extra = {"address": f"{config.host}:{config.port}", "http": HTTP, "loop": loop, "workers": workers}
+    logging.getLogger("sidecar").info("serving HTTP", extra=extra)
+
+
 def serve(config: Config, on_started: Callable[[], None] | None = None) -> None:
+    """The sidecar in this process (`config.workers` is not consulted: see serve_workers)."""
     import uvicorn
 
     from sidecar.app import create_app
     from sidecar.logs import configure
-    from sidecar.slow_clients import bounded_h11
+    from sidecar.slow_clients import bounded
 
     configure()
+    _announce(config, loop := _loop(), workers=1)
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(config), host=config.host, port=config.port, log_config=None, access_log=False,
-            timeout_graceful_shutdown=10, backlog=1024,
-            http=bounded_h11(config.http_request_timeout_seconds, config.http_max_connections),
+            create_app(config), host=config.host, port=config.port, loop=loop,
+            http=bounded(config.http_request_timeout_seconds, config.http_max_connections), **_UVICORN,
         )
     )  # fmt: skip
     if on_started is not None:
@@ -120,6 +155,24 @@ def serve(config: Config, on_started: Callable[[], None] | None = None) -> None:
 
         threading.Thread(target=announce, daemon=True).start()
     server.run()
+
+
+def serve_workers(config: Config) -> None:
+    """`config.workers` processes accepting on one socket, under uvicorn's supervisor: it restarts a
+    worker that dies, and on SIGTERM or SIGINT stops each gracefully (sends in flight finish, claimed
+    messages are released). Each worker is the whole sidecar: pool, provider, delivery worker (the
+    outbox claim skips locked rows, so they drain it together). uvicorn hands a worker import strings,
+    not objects, so its app and its slow-client bounds read this process's environment (see _serve)."""
+    import uvicorn
+
+    from sidecar.logs import configure
+
+    configure()
+    _announce(config, loop := _loop(), config.workers)
+    uvicorn.run(
+        "sidecar.app:from_environment", factory=True, workers=config.workers, host=config.host, port=config.port,
+        loop=loop, http="sidecar.slow_clients:from_environment", **_UVICORN,
+    )  # fmt: skip
 
 
 def _dev(args: argparse.Namespace) -> int:
@@ -144,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the hook endpoint, health, metrics and the delivery worker")
     serve.add_argument("--host", help="listen address (default: $HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default: $PORT or 8090)")
+    serve.add_argument("--workers", type=int, help="processes sharing the port, each the whole sidecar "
+                       "(default: $SMS_SIDECAR_WORKERS or 1)")  # fmt: skip
     serve.set_defaults(run=_serve)
 
     grpc_parser = commands.add_parser(

@@ -76,7 +76,7 @@ class WorkerConfig:
     """Delivery worker tuning (SMS_WORKER_*); the defaults suit production."""
 
     enabled: bool = True
-    concurrency: int = 16
+    concurrency: int = 64  # at most 3/4 of SMS_MAX_IN_FLIGHT, whatever this says
     # Keep above a send's worst case (12 s): a lease lost mid-send costs a reconcile before resending.
     lease_seconds: int = 30
     max_attempts: int = 5
@@ -90,7 +90,7 @@ class WorkerConfig:
             raise ConfigError(f"SMS_WORKER_ENABLED must be true or false, not {enabled!r}")
         return cls(
             enabled=enabled in ("true", "1"),
-            concurrency=_number(get, "SMS_WORKER_CONCURRENCY", cls.concurrency, int, 1, 256),
+            concurrency=_number(get, "SMS_WORKER_CONCURRENCY", cls.concurrency, int, 1, 10_000),
             lease_seconds=_number(get, "SMS_WORKER_LEASE_SECONDS", cls.lease_seconds, int, 2, 3600),
             max_attempts=_number(get, "SMS_WORKER_MAX_ATTEMPTS", cls.max_attempts, int, 1, 100),
             backoff_seconds=_number(get, "SMS_WORKER_BACKOFF_SECONDS", cls.backoff_seconds, float, 0.0, 3600.0),
@@ -178,9 +178,13 @@ class Config:
     port: int = 8090
     worker: WorkerConfig = WorkerConfig()
     grpc: GrpcConfig = GrpcConfig()
+    # Provider sends under way at once, hook and worker together (the hook first: see providers/base.py).
+    max_in_flight: int = 256
     # Slow clients (sidecar/slow_clients.py): seconds for each request to arrive, connections held at once.
     http_request_timeout_seconds: float = 10.0
     http_max_connections: int = 500  # below the usual soft limit of 1024 file descriptors
+    # `serve` only: processes sharing its port, each the whole sidecar (sidecar/cli.py serve_workers).
+    workers: int = 1
 
     def __repr__(self) -> str:
         secrets = len(self.hook_secrets)
@@ -224,10 +228,12 @@ class Config:
             port=int(port_text),
             worker=WorkerConfig.from_env(get),
             grpc=GrpcConfig.from_env(get),
+            max_in_flight=_number(get, "SMS_MAX_IN_FLIGHT", cls.max_in_flight, int, 1, 10_000),
             http_request_timeout_seconds=_number(
                 get, "HTTP_REQUEST_TIMEOUT_SECONDS", cls.http_request_timeout_seconds, float, 1.0, 300.0
             ),
             http_max_connections=_number(get, "HTTP_MAX_CONNECTIONS", cls.http_max_connections, int, 1, 100_000),
+            workers=_number(get, "SMS_SIDECAR_WORKERS", cls.workers, int, 1, 256),
         )
 
 

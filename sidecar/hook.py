@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from sidecar.db import ApiError, call
 from sidecar.logs import mask_phone
 from sidecar.providers.aliyun import classify_business_error
-from sidecar.providers.base import Outcome, SendResult, Sms, Timeouts, user_message
+from sidecar.providers.base import Busy, Outcome, SendResult, Sms, user_message
 from sidecar.runtime import Runtime
 from sidecar.webhook import WebhookVerificationError
 
@@ -36,7 +36,6 @@ log = logging.getLogger("sidecar.hook")
 
 BUDGET_SECONDS = 4.0  # GoTrue allows 5 s for everything, retries included
 MAX_BODY_BYTES = 64 * 1024  # a real event is about 1-2 KB
-CONNECT_TIMEOUT_MS = 800
 MIN_RETRY_BUDGET = 1.2  # seconds left that make a second attempt after a connect failure worthwhile
 # Without `metadata` the GoTrue version may ignore error objects, so the status itself must fail;
 # these two would be retried or misreported.
@@ -181,18 +180,19 @@ async def _db(rt: Runtime, query: str, params: dict[str, Any], deadline: float) 
 async def _send(rt: Runtime, begin: dict[str, Any], deadline: float) -> tuple[SendResult, int]:
     sms = Sms(phone=begin["phone"], code=begin["code"], out_id=str(begin["delivery_id"]),
               sign_name=begin["sign_name"], template_code=begin["template_code"])  # fmt: skip
-    # Leave time to record the result and answer; read_timeout bounds each socket read.
-    remaining_ms = int((deadline - time.monotonic()) * 1000) - 300
-    if remaining_ms < 200:
+    # Leave time to record the result and answer; the provider abandons the call at its deadline.
+    remaining = deadline - time.monotonic() - 0.3
+    if remaining < 0.2:
         return SendResult(Outcome.RETRY, "NoTimeLeft", "hook budget spent before sending", status=503,
                           connect_failure=True), 0  # fmt: skip
-    timeouts = Timeouts(connect_ms=min(CONNECT_TIMEOUT_MS, remaining_ms), read_ms=remaining_ms)
     started = time.monotonic()
     try:
-        result = await asyncio.wait_for(rt.run_blocking(rt.provider.send, sms, timeouts), remaining_ms / 1000)
-    except TimeoutError:
-        # The call goes on in its thread; whether Aliyun got it is unknown, so it is never resent.
-        result = SendResult(Outcome.AMBIGUOUS, "NoResponse", "no answer within the hook budget", status=504)
+        async with rt.in_flight.hook():
+            result = await rt.provider.send(sms, remaining)
+    except Busy:
+        # Every send slot is taken: say so now rather than wait out GoTrue's budget in a queue.
+        result = SendResult(Outcome.RETRY, "Busy", "too many SMS in flight in this sidecar", status=503,
+                            connect_failure=True)  # fmt: skip
     elapsed = time.monotonic() - started
     rt.metrics.provider_latency.labels(rt.provider.name).observe(elapsed)
     rt.metrics.provider_results.labels(rt.provider.name, result.code).inc()

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from sidecar.config import Config
 from sidecar.db import create_pool
-from sidecar.providers import Provider, build_provider
+from sidecar.providers import InFlight, Provider, build_provider
 from sidecar.runtime import Runtime
 from sidecar.webhook import WebhookVerifier
 from sidecar.worker import DeliveryWorker
@@ -28,12 +28,11 @@ async def running(
         pool=create_pool(config.database_url),
         provider=provider or build_provider(config),
         verifier=WebhookVerifier(config.hook_secrets) if config.hook_secrets else None,
+        in_flight=InFlight(config.max_in_flight),
     )
     # Not waiting: the database may come up after us; /readyz and gRPC health say so meanwhile.
     await rt.pool.open(wait=False)
-    warm = getattr(rt.provider, "warm_up", None)
-    if warm is not None:
-        await rt.run_blocking(warm)
+    await rt.provider.start()
     grpc_server = None
     stop = asyncio.Event()
     worker_task = None
@@ -54,6 +53,6 @@ async def running(
         stop.set()
         if worker_task is not None:
             await worker_task
+        await rt.provider.close()
         await rt.pool.close()
-        rt.executor.shutdown(wait=False, cancel_futures=True)
         log.info("sidecar stopped", extra={"worker": rt.worker_id})

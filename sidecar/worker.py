@@ -21,7 +21,7 @@ from psycopg_pool import PoolTimeout
 from sidecar.config import WorkerConfig
 from sidecar.db import call
 from sidecar.logs import mask_phone
-from sidecar.providers.base import Outcome, SendResult, Sms, Timeouts
+from sidecar.providers.base import Outcome, SendResult, Sms
 from sidecar.providers.errors import describe_failure
 from sidecar.runtime import Runtime
 
@@ -29,13 +29,15 @@ __all__ = ["DeliveryWorker"]
 
 log = logging.getLogger("sidecar.worker")
 
-SEND_TIMEOUTS = Timeouts(connect_ms=2000, read_ms=10000)
+SEND_SECONDS = 10.0  # the whole call; below the lease (30 s), so a lease never ends mid-send
+RECONCILE_SECONDS = 10.0
 
 
 class DeliveryWorker:
     def __init__(self, rt: Runtime, config: WorkerConfig, *, backoff_cap: float = 300.0) -> None:
         self.rt = rt
-        self.concurrency = config.concurrency
+        # The worker's share of the in-flight limit caps it too (the hook keeps the rest).
+        self.concurrency = min(config.concurrency, rt.in_flight.worker_limit)
         self.lease_seconds = config.lease_seconds
         self.sweep_seconds = config.sweep_seconds
         self.max_attempts = config.max_attempts
@@ -122,8 +124,9 @@ class DeliveryWorker:
             if message["needs_reconcile"]:
                 result = await self._reconcile(message)
             if result is None:
-                message["started"] = True
-                result = await self.rt.run_blocking(self.rt.provider.send, sms, SEND_TIMEOUTS)
+                async with self.rt.in_flight.worker():
+                    message["started"] = True
+                    result = await self.rt.provider.send(sms, SEND_SECONDS)
         except Exception as exc:  # a provider bug must not kill the worker or lose the message
             # No traceback: exception texts from an HTTP stack quote the request URL, phone and code included.
             frames = traceback.extract_tb(exc.__traceback__)
@@ -139,8 +142,8 @@ class DeliveryWorker:
         """An earlier attempt may have gone out: ask the provider before sending again."""
         out_ids = [str(i) for i in message["ambiguous_delivery_ids"]]
         try:
-            found = await self.rt.run_blocking(self.rt.provider.find_sent, message["phone"], out_ids,
-                                               message["created_at"])  # fmt: skip
+            found = await self.rt.provider.find_sent(message["phone"], out_ids, message["created_at"],
+                                                     RECONCILE_SECONDS)  # fmt: skip
         except Exception as exc:  # the text is built from the error's class, never from its message
             return SendResult(Outcome.AMBIGUOUS, "ReconcileFailed", describe_failure(exc)[1], status=503)
         if found is not None:

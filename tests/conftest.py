@@ -147,6 +147,13 @@ def settings(database: Database) -> Iterator[Any]:
     )
 
 
+def without_send_limits(settings: Any, **extra: Any) -> None:
+    """Many codes to few numbers from one test process: the sending limits are tested on purpose elsewhere."""
+    settings(resend_cooldown_seconds=None, hourly_limit_per_phone=None, daily_limit_per_phone=None,
+             others_hourly_limit_per_phone=None, others_daily_limit_per_phone=None, hourly_limit_per_user=None,
+             hourly_limit_per_ip=None, **extra)  # fmt: skip
+
+
 def drain_queue(database: Database) -> None:
     """Give up every pending message, so a sidecar started by a test sees only that test's messages."""
     database.execute("update sms.outbox set status = 'failed', code = null where status in ('queued', 'sending')")

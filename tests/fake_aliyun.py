@@ -35,6 +35,14 @@ validation, for ``action`` (default ``"SendSms"``). Precedence: the ``fail_next`
   response; ``accepted=True`` records the send first. ``fake.set_default(Drop(accepted=True))``
 
 ``refused_endpoint()`` gives a ``host:port`` where nothing listens (connection refused).
+
+Provider speed, for benchmarks (constructor arguments, also attributes that may change while running;
+both apply to SendSms requests that passed verification and validation, faults included, and block
+only the request's own handler thread):
+
+- ``latency``: seconds to wait before answering (0: at once). ``FakeAliyun(latency=0.1)``
+- ``drip``: when > 0, the OK answer (status line, headers and body) is written one byte every
+  ``drip`` seconds (a provider trickling its answer; the send is recorded first). ``fake.drip = 1.0``
 """
 
 from __future__ import annotations
@@ -403,6 +411,20 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"x-acs-request-id": str(obj.get("RequestId", "")), **(extra or {})}
         self.send_body(status, body, "application/json;charset=utf-8", headers)
 
+    def drip_json(self, status: int, obj: Mapping[str, Any], interval: float, stop: threading.Event) -> None:
+        """The answer of ``send_json``, written one byte every ``interval`` seconds until done or ``stop``."""
+        body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        head = (
+            f"{self.protocol_version} {status} {self.responses[status][0]}\r\n"
+            f"Content-Type: application/json;charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+            f"x-acs-request-id: {obj.get('RequestId', '')}\r\n\r\n"
+        )
+        for i, byte in enumerate(head.encode("latin-1") + body):
+            if i and stop.wait(interval):
+                self.close_connection = True
+                return
+            self.wfile.write(bytes([byte]))
+
 
 # --- the fake -----------------------------------------------------------------------------------------
 
@@ -419,6 +441,8 @@ class FakeAliyun:
         clock: Callable[[], float] = time.time,
         max_clock_skew: float = 15 * 60,
         templates: Mapping[str, str] | None = None,
+        latency: float = 0.0,
+        drip: float = 0.0,
     ) -> None:
         """``credentials`` maps AccessKeyId -> AccessKeySecret; ``clock`` is the server's wall clock
         (shift it to provoke InvalidTimeStamp.Expired); ``templates`` maps TemplateCode -> text with
@@ -429,6 +453,8 @@ class FakeAliyun:
         self._clock = clock
         self._max_skew = max_clock_skew
         self._templates = dict(templates or {})
+        self.latency = latency  # seconds before each SendSms answer; see the module docstring
+        self.drip = drip  # seconds between the bytes of each OK SendSms answer; 0: written at once
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -847,8 +873,13 @@ class FakeAliyun:
         send.content = self._render(send)
         ok = {"Code": "OK", "Message": "OK", "BizId": send.biz_id, "RequestId": request_id}
 
+        if self.latency > 0:
+            self._stopping.wait(self.latency)
         fault = self._take_fault("SendSms", phones)
-        if fault is None:
+        if fault is None and self.drip > 0:
+            self._record_send(send)
+            h.drip_json(200, ok, self.drip, self._stopping)
+        elif fault is None:
             self._record_send(send)
             h.send_json(200, ok)
         elif isinstance(fault, Delay):

@@ -75,7 +75,8 @@ def port_open(sidecar: SidecarProcess) -> bool:
 class SidecarProcess:
     """`sms-sidecar serve` as a real child process, for crash and scale-out tests.
 
-    `args` runs another subcommand ("{port}" in it becomes the port); `ready` says when it is up.
+    `args` runs another subcommand ("{port}" in it becomes the port); `ready` says when it is up;
+    `command` is what starts it (`python -m sidecar` unless given).
     """
 
     def __init__(
@@ -83,18 +84,20 @@ class SidecarProcess:
         env: dict[str, str],
         args: Sequence[str] = ("serve",),
         ready: Callable[[SidecarProcess], bool] = http_ready,
+        command: Sequence[str] = (sys.executable, "-m", "sidecar"),
     ) -> None:
         self.port = free_port()
         self.env = {**os.environ, **env, "PORT": str(self.port), "HOST": "127.0.0.1"}
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [arg.replace("{port}", str(self.port)) for arg in args]
         self.ready = ready
+        self.command = list(command)
         self.process: subprocess.Popen[bytes] | None = None
         self.log = tempfile.NamedTemporaryFile(prefix="sidecar-", suffix=".log", delete=False)
 
     def start(self, timeout: float = 20) -> SidecarProcess:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", *self.args], env=self.env, stdout=self.log, stderr=subprocess.STDOUT
+            [*self.command, *self.args], env=self.env, stdout=self.log, stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

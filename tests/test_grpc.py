@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import Database, drain_queue, fresh_phone
+from conftest import Database, drain_queue, fresh_phone, without_send_limits
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -114,9 +114,7 @@ def stub(server: SidecarProcess) -> Iterator[Any]:
 def _isolated(fake: FakeAliyun, database: Database, settings: Any) -> None:
     drain_queue(database)
     fake.reset()
-    # Many codes to few numbers from one test process: the limits are tested on purpose below only.
-    settings(resend_cooldown_seconds=None, daily_limit_per_phone=None, hourly_limit_per_phone=None,
-             hourly_limit_per_user=None, hourly_limit_per_ip=None)  # fmt: skip
+    without_send_limits(settings)
 
 
 def sent_to(fake: FakeAliyun, phone: str) -> list[Any]:

@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -448,3 +449,67 @@ def test_without_a_configured_secret_every_request_is_refused(database: Database
     with run_app(create_app(config, AliyunProvider(aliyun))) as url:
         result = gotrue(url).call(otp_login(NEW, phone=fresh_phone()))
     assert result.attempts[-1].status == 401 and fake.requests_seen == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Delivery under load: no thread per send, whole-call deadlines, a bounded number in flight
+
+
+def test_no_send_occupies_a_thread(sidecar: str, fake: FakeAliyun) -> None:
+    """48 sends wait on the provider at once: the sidecar's threads stay as few as when idle."""
+
+    def sidecar_threads() -> list[str]:
+        # Not the fake's (a thread per request it serves) nor this test's callers.
+        return [t.name for t in threading.enumerate()
+                if "process_request_thread" not in t.name and not t.name.startswith("callers")]  # fmt: skip
+
+    fake.latency = 1.0
+    try:
+        idle = len(sidecar_threads())
+        busiest: list[str] = []
+        with ThreadPoolExecutor(48, thread_name_prefix="callers") as callers:
+            futures = [callers.submit(gotrue(sidecar).call, otp_login(NEW, phone=fresh_phone())) for _ in range(48)]
+            while not all(f.done() for f in futures):
+                busiest = max(busiest, sidecar_threads(), key=len)
+                time.sleep(0.05)
+            results = [f.result() for f in futures]
+    finally:
+        fake.latency = 0.0
+    assert [r.outcome for r in results] == ["success"] * 48
+    assert len(busiest) <= idle + 6, (idle, sorted(busiest))  # at most asyncio's resolver threads
+
+
+def test_a_trickling_provider_cannot_hold_hooks_past_their_budget(sidecar: str, fake: FakeAliyun) -> None:
+    fake.drip = 1.0  # one byte a second: every read succeeds, the answer never completes in time
+    try:
+        with ThreadPoolExecutor(20) as callers:
+            started = time.monotonic()
+            results = list(callers.map(lambda _: gotrue(sidecar).call(otp_login(NEW, phone=fresh_phone())), range(20)))
+            elapsed = time.monotonic() - started
+    finally:
+        fake.drip = 0.0
+    assert elapsed < 4.8, elapsed
+    # Accepted by the fake (it records the send first), but no answer: unknown, so reported and never resent.
+    assert {r.outcome for r in results} == {(504, results[0].message)}
+    started = time.monotonic()
+    assert gotrue(sidecar).call(otp_login(NEW, phone=fresh_phone())).outcome == "success"
+    assert time.monotonic() - started < 2.0
+
+
+def test_beyond_the_in_flight_limit_a_hook_is_answered_at_once(database: Database, fake: FakeAliyun) -> None:
+    aliyun = aliyun_config(fake.endpoint)
+    config = Config(database_url=sidecar_url(database), hook_secrets=parse_secrets(SECRET), provider="aliyun",
+                    aliyun=aliyun, max_in_flight=2)  # fmt: skip
+    fake.latency = 2.0
+    try:
+        with run_app(create_app(config, AliyunProvider(aliyun, max_connections=2))) as url:
+            with ThreadPoolExecutor(6) as callers:
+                slow = [callers.submit(gotrue(url).call, otp_login(NEW, phone=fresh_phone())) for _ in range(2)]
+                time.sleep(0.5)  # both slots are taken now
+                started = time.monotonic()
+                refused = gotrue(url).call(otp_login(NEW, phone=fresh_phone()))
+                waited = time.monotonic() - started
+                assert [f.result().outcome for f in slow] == ["success", "success"]
+    finally:
+        fake.latency = 0.0
+    assert refused.outcome == (503, refused.message) and waited < 1.0, (refused.outcome, waited)

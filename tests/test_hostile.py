@@ -33,7 +33,7 @@ import anyio.from_thread
 import httpx
 import psycopg
 import pytest
-from conftest import Database, drain_queue, fresh_phone
+from conftest import Database, drain_queue, fresh_phone, without_send_limits
 from fake_aliyun import FakeAliyun
 from gotrue import GoTrueHookCaller, HookResult, generate_secret, go_json, make_metadata, make_user, otp_login
 from hypothesis import HealthCheck, Phase, event, given, settings as fuzz_settings, strategies as st
@@ -724,17 +724,11 @@ def table_counts(database: Database) -> tuple[int, int]:
     return database.one("select (select count(*) from sms.outbox), (select count(*) from sms.codes)")  # type: ignore[no-any-return]
 
 
-def no_limits(settings: Any, **extra: Any) -> None:
-    settings(resend_cooldown_seconds=None, daily_limit_per_phone=None, hourly_limit_per_phone=None,
-             others_hourly_limit_per_phone=None, others_daily_limit_per_phone=None, hourly_limit_per_user=None,
-             hourly_limit_per_ip=None, **extra)  # fmt: skip
-
-
 @pytest.fixture
 def unlimited(settings: Any) -> None:
     """No sending limits and 100 attempts, once per fuzzing test (not per example): the fuzzing is about
     what the functions accept, and must not run into limits the examples before it used up."""
-    no_limits(settings, max_attempts=100)
+    without_send_limits(settings, max_attempts=100)
 
 
 @fuzz_settings(max_examples=120, **FUZZ)
@@ -1047,7 +1041,7 @@ def queued_code(database: Database, request_id: str) -> str:
 
 
 def test_status_of_other_users_requests_looks_like_unknown_ids(api: PostgREST, settings: Any) -> None:
-    no_limits(settings)
+    without_send_limits(settings)
     alice, mallory = user(), user()
     alices = [request(api, fresh_phone(), alice) for _ in range(3)]
     backend = request(api, fresh_phone(), SERVICE)  # bound to no user
@@ -1060,7 +1054,7 @@ def test_status_of_other_users_requests_looks_like_unknown_ids(api: PostgREST, s
 
 
 def test_verify_cannot_tell_no_code_from_another_users_code(api: PostgREST, database: Database, settings: Any) -> None:
-    no_limits(settings)
+    without_send_limits(settings)
     alice, mallory = user(), user()
     taken, empty = fresh_phone(), fresh_phone()
     rid = request(api, taken, alice)
@@ -1090,7 +1084,7 @@ def verify(api: PostgREST, phone: str, code: str, caller: Caller, purpose: str =
 def test_failures_are_counted_per_purpose_and_each_purpose_is_capped(
     api: PostgREST, database: Database, settings: Any
 ) -> None:
-    no_limits(settings, max_attempts=3)
+    without_send_limits(settings, max_attempts=3)
     alice, phone = user(), fresh_phone()
     login = queued_code(database, request(api, phone, alice, "login"))
     bind = queued_code(database, request(api, phone, alice, "bind_phone"))
@@ -1117,7 +1111,7 @@ def test_failures_are_counted_per_purpose_and_each_purpose_is_capped(
 
 
 def test_other_users_cannot_help_brute_force_a_code(api: PostgREST, database: Database, settings: Any) -> None:
-    no_limits(settings, max_attempts=3)
+    without_send_limits(settings, max_attempts=3)
     alice, phone = user(), fresh_phone()
     rid = request(api, phone, alice)
     code = queued_code(database, rid)

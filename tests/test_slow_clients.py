@@ -1,6 +1,9 @@
 """Slow clients, over real sockets against `sms-sidecar serve`: a request must arrive within
 HTTP_REQUEST_TIMEOUT_SECONDS, and a process holds at most HTTP_MAX_CONNECTIONS connections.
 
+Every test runs against both protocols `serve` may use: httptools on uvloop (uvicorn[standard], as
+installed) and h11 on asyncio (where those do not install; here hidden from the process).
+
 The bounds are made small here so that the suite stays quick; the checks are only "closed within the
 bound plus generous slack" and "refused at once rather than held", never performance figures.
 """
@@ -8,6 +11,8 @@ bound plus generous slack" and "refused at once rather than held", never perform
 from __future__ import annotations
 
 import http.client
+import json
+import os
 import select
 import socket
 import threading
@@ -92,8 +97,9 @@ class SlowClients:
             sock.close()
 
 
-@pytest.fixture(scope="module")
-def sidecar(database: Database) -> Iterator[SidecarProcess]:
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def sidecar(request: pytest.FixtureRequest, database: Database, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[SidecarProcess]:  # fmt: skip
     env = {
         "DATABASE_URL": sidecar_url(database),
         "SMS_PROVIDER": "console",
@@ -101,7 +107,17 @@ def sidecar(database: Database) -> Iterator[SidecarProcess]:
         "HTTP_REQUEST_TIMEOUT_SECONDS": str(BOUND),
         "HTTP_MAX_CONNECTIONS": str(CAP),
     }
+    expected = {"http": "httptools", "loop": "uvloop"}
+    if request.param == "h11":  # modules that fail to import, ahead of the installed ones
+        hidden = tmp_path_factory.mktemp("without-uvicorn-standard")
+        for module in ("httptools", "uvloop"):
+            (hidden / f"{module}.py").write_text("raise ImportError('hidden by tests/test_slow_clients.py')\n")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hidden), os.environ.get("PYTHONPATH")]))
+        expected = {"http": "h11", "loop": "asyncio"}
     with SidecarProcess(env) as process:
+        lines = [json.loads(line) for line in process.output().splitlines() if line.startswith("{")]
+        (serving,) = [line for line in lines if line["message"] == "serving HTTP"]
+        assert {key: serving[key] for key in expected} == expected  # the protocol under test is the one serving
         yield process
 
 
@@ -144,6 +160,25 @@ def test_a_trickled_body_is_cut_off_the_same_way(sidecar: SidecarProcess) -> Non
         assert BOUND - 0.3 < after < BOUND + SLACK
         # The hook's own body timeout answered first; the bound then frees the connection.
         assert slow.received[slow.socks[0]].startswith(b"HTTP/1.1 408 ")
+
+
+HEALTH = b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "trickled"),
+    [(HEALTH, SLOW_HEADERS), (HEALTH + BODY_HEADERS, b"{" + b" " * 400)],
+    ids=["next-request-after-a-response", "pipelined-body"],
+)
+def test_the_next_request_gets_the_same_bound(sidecar: SidecarProcess, prefix: bytes, trickled: bytes) -> None:
+    # A kept-alive connection owes its next request within the bound of the previous response; any
+    # byte would restart uvicorn's own keep-alive timer. Pipelined, the next request's bytes may
+    # already be parsed (httptools) or buffered (h11) while the first is answered.
+    with SlowClients(sidecar.port, 1, trickled=trickled, prefix=prefix) as slow:
+        assert slow.wait_closed(BOUND + SLACK), "a client trickling its second request is still connected"
+        (after,) = slow.closed.values()
+        assert BOUND - 0.3 < after < BOUND + SLACK
+        assert slow.received[slow.socks[0]].startswith(b"HTTP/1.1 200 ")
 
 
 def test_health_stays_answerable_while_slow_clients_are_held(sidecar: SidecarProcess) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Database, drain_queue, fresh_phone
+from conftest import Database, drain_queue, fresh_phone, without_send_limits
 from fake_aliyun import BusinessError, Delay, Drop, FakeAliyun
 from postgrest import SERVICE, PostgREST
 from servers import SidecarProcess, run_app, sidecar_url
@@ -36,9 +36,7 @@ def fake() -> Iterator[FakeAliyun]:
 def _isolated(fake: FakeAliyun, database: Database, settings: Any) -> None:
     fake.reset()
     drain_queue(database)
-    # Thousands of codes from one test process: the limits are tested elsewhere.
-    settings(resend_cooldown_seconds=None, daily_limit_per_phone=None, hourly_limit_per_user=None,
-             hourly_limit_per_ip=None)  # fmt: skip
+    without_send_limits(settings)
 
 
 def in_process(database: Database, fake: FakeAliyun, **worker: Any) -> Any:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from sidecar.config import Config
-from sidecar.providers.base import Outcome, Provider, SendResult, Sms, Timeouts
+from sidecar.providers.base import Busy, InFlight, Outcome, Provider, SendResult, Sms
 
-__all__ = ["Outcome", "Provider", "SendResult", "Sms", "Timeouts", "build_provider"]
+__all__ = ["Busy", "InFlight", "Outcome", "Provider", "SendResult", "Sms", "build_provider"]
 
 
 def build_provider(config: Config) -> Provider:
@@ -16,4 +16,4 @@ def build_provider(config: Config) -> Provider:
     from sidecar.providers.aliyun import AliyunProvider
 
     assert config.aliyun is not None
-    return AliyunProvider(config.aliyun)
+    return AliyunProvider(config.aliyun, max_connections=config.max_in_flight)

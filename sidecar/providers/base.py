@@ -1,13 +1,20 @@
-"""What every SMS provider offers: send one verification code, and say what happened."""
+"""What every SMS provider offers: send one verification code, and say what happened.
+
+Providers are asynchronous: a send occupies no thread, only a slot of the in-flight limit
+(`InFlight`), so the number of sends under way is a setting, not the size of a thread pool.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
-__all__ = ["Outcome", "Provider", "SendResult", "Sms", "Timeouts", "user_message"]
+__all__ = ["Busy", "InFlight", "Outcome", "Provider", "SendResult", "Sms", "user_message"]
 
 
 class Outcome(StrEnum):
@@ -26,12 +33,6 @@ class Sms:
     out_id: str  # our ledger id, echoed in delivery receipts
     sign_name: str | None = None  # per-purpose override (sms.templates) for mainland numbers
     template_code: str | None = None
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    connect_ms: int
-    read_ms: int
 
 
 @dataclass(frozen=True)
@@ -54,16 +55,62 @@ class SendResult:
 class Provider(Protocol):
     name: str
 
-    def send(self, sms: Sms, timeouts: Timeouts) -> SendResult:
-        """Blocking; called from a worker thread. Never raises for provider or network failures."""
+    async def start(self) -> None:
+        """Open what the sends share (connections); called once, in the event loop that will send."""
         ...
 
-    def find_sent(self, phone: str, out_ids: list[str], since: datetime) -> SendResult | None:
+    async def close(self) -> None: ...
+
+    async def send(self, sms: Sms, timeout: float) -> SendResult:
+        """Send within `timeout` seconds, the whole call. Never raises for provider or network failures:
+        one that has not answered in time is abandoned and reported AMBIGUOUS (or RETRY with
+        `connect_failure` when it provably never reached the provider)."""
+        ...
+
+    async def find_sent(self, phone: str, out_ids: list[str], since: datetime, timeout: float) -> SendResult | None:
         """After an ambiguous attempt: the provider's record of a send with one of these OutIds, if any.
 
-        Blocking. Raises when the provider cannot be asked (the caller retries later).
+        Raises (a ProviderError, whose text is safe to store) when the provider cannot be asked.
         """
         ...
+
+
+class Busy(Exception):
+    """No send slot is free right now."""
+
+
+class InFlight:
+    """The in-flight limit, shared by the hook and the delivery worker, with the hook first.
+
+    The hook (GoTrue is waiting) never queues for a slot: when none is free it is told at once and
+    answers with an error, instead of waiting out its budget. The worker waits for a slot, and may
+    hold at most `worker_share` of them, so a backlog being drained can never crowd out logins.
+    """
+
+    def __init__(self, limit: int, worker_share: float = 0.75) -> None:
+        self.limit = limit
+        self.worker_limit = max(1, int(limit * worker_share))
+        self._all = asyncio.Semaphore(limit)
+        self._worker = asyncio.Semaphore(self.worker_limit)
+
+    @property
+    def in_use(self) -> int:
+        return self.limit - self._all._value
+
+    @asynccontextmanager
+    async def hook(self) -> AsyncIterator[None]:
+        if self._all.locked():
+            raise Busy
+        await self._all.acquire()  # free now: returns without waiting
+        try:
+            yield
+        finally:
+            self._all.release()
+
+    @asynccontextmanager
+    async def worker(self) -> AsyncIterator[None]:
+        async with self._worker, self._all:
+            yield
 
 
 def user_message(result: SendResult) -> str:

@@ -8,12 +8,11 @@ explicit choice.
 from __future__ import annotations
 
 import sys
-import threading
 import uuid
 from datetime import datetime
 
 from sidecar.logs import mask_phone
-from sidecar.providers.base import Outcome, SendResult, Sms, Timeouts
+from sidecar.providers.base import Outcome, SendResult, Sms
 
 __all__ = ["ConsoleProvider"]
 
@@ -21,14 +20,16 @@ __all__ = ["ConsoleProvider"]
 class ConsoleProvider:
     name = "console"
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    async def start(self) -> None:
+        pass
 
-    def send(self, sms: Sms, timeouts: Timeouts) -> SendResult:
-        with self._lock:
-            print(f"[console SMS] to {mask_phone(sms.phone)} (out_id {sms.out_id}): code {sms.code}",
-                  file=sys.stderr, flush=True)  # fmt: skip
+    async def close(self) -> None:
+        pass
+
+    async def send(self, sms: Sms, timeout: float) -> SendResult:
+        print(f"[console SMS] to {mask_phone(sms.phone)} (out_id {sms.out_id}): code {sms.code}",
+              file=sys.stderr, flush=True)  # fmt: skip
         return SendResult(Outcome.ACCEPTED, "OK", "printed by the console provider", biz_id=f"console-{uuid.uuid4()}")
 
-    def find_sent(self, phone: str, out_ids: list[str], since: datetime) -> SendResult | None:
+    async def find_sent(self, phone: str, out_ids: list[str], since: datetime, timeout: float) -> SendResult | None:
         return None  # printing never leaves a doubt about whether it happened
