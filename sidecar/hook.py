@@ -27,6 +27,7 @@ from sidecar.db import ApiError, call
 from sidecar.logs import mask_phone
 from sidecar.providers.aliyun import classify_business_error
 from sidecar.providers.base import Busy, Outcome, SendResult, Sms, user_message
+from sidecar.results import Finished
 from sidecar.runtime import Runtime
 from sidecar.webhook import WebhookVerificationError
 
@@ -203,23 +204,15 @@ async def _finish(
     rt: Runtime, delivery_id: int, result: SendResult, latency_ms: int, max_attempts: int, deadline: float
 ) -> None:
     # Recording must not be skipped because the budget ran low: give it a little extra time.
+    item = Finished(delivery_id, result, rt.provider.name, latency_ms, retry_in_seconds=0, max_attempts=max_attempts)
     try:
-        await _db(
-            rt,
-            "select sms.finish_delivery(p_delivery_id => %(id)s, p_outcome => %(outcome)s, p_provider => %(provider)s,"
-            " p_provider_code => %(code)s, p_provider_message => %(message)s, p_biz_id => %(biz)s,"
-            " p_provider_request_id => %(rid)s, p_latency_ms => %(latency)s, p_retry_in_seconds => 0,"
-            " p_max_attempts => %(max)s)",
-            {"id": delivery_id, "outcome": result.outcome.value, "provider": rt.provider.name, "code": result.code,
-             "message": result.message, "biz": result.biz_id, "rid": result.request_id,
-             "latency": latency_ms, "max": max_attempts},
-            max(deadline, time.monotonic() + 1.0),
-        )  # fmt: skip
-    except _Failure:
-        log.error("could not record a delivery result", extra={"delivery_id": delivery_id})
+        await rt.results.finish(item, timeout=max(deadline - time.monotonic(), 1.0))
+    except (TimeoutError, PoolTimeout, psycopg.Error, OSError) as exc:
+        log.error("could not record a delivery result", extra={"delivery_id": delivery_id, "error": type(exc).__name__})
         if result.accepted:
             return  # the SMS did go out; the user must not be told otherwise
-        raise
+        raise _Failure(503, user_message(SendResult(Outcome.RETRY, "DatabaseUnavailable", status=503)),
+                       "database") from None  # fmt: skip
 
 
 async def _settle_duplicate(rt: Runtime, begin: dict[str, Any], deadline: float) -> str:

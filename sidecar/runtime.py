@@ -14,6 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 from sidecar.config import Config
 from sidecar.metrics import Metrics
 from sidecar.providers.base import InFlight, Provider
+from sidecar.results import ResultWriter
 from sidecar.webhook import WebhookVerifier
 
 __all__ = ["Runtime", "new_worker_id"]
@@ -34,3 +35,7 @@ class Runtime:
     worker_id: str = field(default_factory=new_worker_id)
     # Sends under way, hook and worker together; set from config.max_in_flight by lifecycle.running.
     in_flight: InFlight = field(default_factory=lambda: InFlight(256))
+    results: ResultWriter = field(init=False)  # delivery results, batched: see sidecar/results.py
+
+    def __post_init__(self) -> None:
+        self.results = ResultWriter(self.pool)

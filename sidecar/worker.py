@@ -23,6 +23,7 @@ from sidecar.db import call
 from sidecar.logs import mask_phone
 from sidecar.providers.base import Outcome, SendResult, Sms
 from sidecar.providers.errors import describe_failure
+from sidecar.results import Finished
 from sidecar.runtime import Runtime
 
 __all__ = ["DeliveryWorker"]
@@ -158,22 +159,14 @@ class DeliveryWorker:
         return int(random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))) + 1
 
     async def _finish(self, message: dict[str, Any], result: SendResult, latency_ms: int) -> str:
-        params = {
-            "id": message["delivery_id"], "outcome": result.outcome.value, "provider": self.rt.provider.name,
-            "code": result.code, "message": result.message, "biz": result.biz_id, "rid": result.request_id,
-            "latency": latency_ms, "retry": self._retry_in(message["attempt"], result), "max": self.max_attempts,
-        }  # fmt: skip
-        query = (
-            "select sms.finish_delivery(p_delivery_id => %(id)s, p_outcome => %(outcome)s, p_provider => %(provider)s,"
-            " p_provider_code => %(code)s, p_provider_message => %(message)s, p_biz_id => %(biz)s,"
-            " p_provider_request_id => %(rid)s, p_latency_ms => %(latency)s, p_retry_in_seconds => %(retry)s,"
-            " p_max_attempts => %(max)s)"
-        )
+        item = Finished(message["delivery_id"], result, self.rt.provider.name, latency_ms,
+                        retry_in_seconds=self._retry_in(message["attempt"], result),
+                        max_attempts=self.max_attempts)  # fmt: skip
         # The result must be recorded; if the database is briefly away, keep trying while the lease lasts.
         deadline = time.monotonic() + self.lease_seconds
         while True:
             try:
-                return str(await call(self.rt.pool, query, params, timeout=5.0))
+                return await self.rt.results.finish(item, timeout=5.0)
             except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError, TimeoutError) as exc:
                 if time.monotonic() > deadline:
                     log.error("could not record a delivery; its lease will expire and it will be reconciled",

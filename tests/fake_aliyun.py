@@ -37,12 +37,12 @@ validation, for ``action`` (default ``"SendSms"``). Precedence: the ``fail_next`
 ``refused_endpoint()`` gives a ``host:port`` where nothing listens (connection refused).
 
 Provider speed, for benchmarks (constructor arguments, also attributes that may change while running;
-both apply to SendSms requests that passed verification and validation, faults included, and block
-only the request's own handler thread):
+for SendSms requests that passed verification and validation; only the request's own handler thread
+waits):
 
-- ``latency``: seconds to wait before answering (0: at once). ``FakeAliyun(latency=0.1)``
-- ``drip``: when > 0, the OK answer (status line, headers and body) is written one byte every
-  ``drip`` seconds (a provider trickling its answer; the send is recorded first). ``fake.drip = 1.0``
+- ``latency``: seconds to wait before answering, faults included (0: at once). ``FakeAliyun(latency=0.1)``
+- ``drip``: when > 0, the OK answer (status line, headers and body; not a fault's) is written one byte
+  every ``drip`` seconds (a provider trickling its answer; the send is recorded first). ``fake.drip = 1.0``
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ WRAPPERS = {
 # What each process calls, and nothing more: `serve` (hook and worker) and the gRPC drop-in. sms.purge
 # is the operator's (pg_cron as postgres).
 SIDECAR_FUNCTIONS = {
-    "schema_version", "claim_messages", "finish_delivery", "release_messages", "hook_begin", "message_state",
-    "queue_stats",
+    "schema_version", "claim_messages", "finish_delivery", "finish_deliveries", "release_messages", "hook_begin",
+    "message_state", "queue_stats",
 }  # fmt: skip
 GRPC_FUNCTIONS = {"grpc_send_code", "grpc_verify_code", "message_state", "schema_version"}
 

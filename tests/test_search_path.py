@@ -95,6 +95,7 @@ def test_a_planted_pg_temp_type_never_runs_as_the_owner(attacker: Any, type_name
         ("sms_sidecar", "select sms.hook_begin(%s::pg_catalog.jsonb, 'x', 'w')", [hook_event(phone)]),
         ("sms_sidecar", "select * from sms.claim_messages('w', 5, 30)", None),
         ("sms_sidecar", "select sms.finish_delivery(-1, 'accepted')", None),
+        ("sms_sidecar", """select sms.finish_deliveries('[{"delivery_id": -1, "outcome": "accepted"}]')""", None),
         ("sms_sidecar", "select sms.release_messages('w')", None),
         ("sms_sidecar", "select sms.queue_stats()", None),
         ("sms_sidecar", "select sms.message_state('00000000-0000-4000-8000-000000000000')", None),
