@@ -8,6 +8,7 @@ installed `sms-sidecar` console script, the fake is tests/fake_aliyun.py.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import datetime as dt
 import http.client
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -38,19 +39,22 @@ for extra in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(extra))
 
 import psycopg  # noqa: E402
-from fake_aliyun import FakeAliyun  # noqa: E402
+from fake_aliyun import FakeAliyun as FakeAliyun  # noqa: E402
 from gotrue import go_json, make_metadata, make_user, otp_login, sign  # noqa: E402
 
 from sidecar import standin  # noqa: E402
-from sidecar.localpg import LocalCluster  # noqa: E402
+from sidecar.localpg import LocalCluster as LocalCluster  # noqa: E402
 from sidecar.migrate import migrate  # noqa: E402
+
+if TYPE_CHECKING:
+    from sidecar.providers.aliyun import AliyunProvider
 
 AK, AK_SECRET = "LTAI-bench-key", "bench-key-secret"
 SIGN_NAME, TEMPLATE = "阿里云短信测试", "SMS_154950909"
 HOOK_SECRET = "v1,whsec_" + base64.b64encode(b"supabase-aliyun-sms-bench-secret").decode()
 SIDECAR_PASSWORD = "bench-sidecar-password"
 GOTRUE_VERSION = (2, 196, 0)  # sends metadata.uuid, so every event has its own dedup key
-SERVE = ROOT / ".venv" / "bin" / "sms-sidecar"
+SERVE = Path(sys.executable).parent / "sms-sidecar"  # the console script of the venv running the bench
 PYTHON = sys.executable
 RESULTS = BENCH / "RESULTS.md"
 LUA = BENCH / "wrk_hook.lua"
@@ -233,9 +237,10 @@ def http_get(port: int, path: str, timeout: float = 1.0) -> tuple[int, bytes]:
 
 
 class Server:
-    """A child process serving HTTP on a loopback port, ready when `ready_path` answers 200."""
+    """A child process serving HTTP on a loopback port, ready when `ready_path` answers `ready_status`."""
 
     ready_path = "/readyz"
+    ready_status = 200
 
     def __init__(self, argv: list[str], env: dict[str, str], name: str) -> None:
         self.port = free_port()
@@ -243,7 +248,7 @@ class Server:
         self.env = {**os.environ, **env, "PORT": str(self.port), "HOST": "127.0.0.1"}
         self.name = name
         self.url = f"http://127.0.0.1:{self.port}"
-        self.logfile = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
+        self.logfile: IO[bytes] = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_seconds = float("nan")
 
@@ -260,7 +265,7 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.output()[-3000:]}")
             try:
-                if http_get(self.port, self.ready_path, timeout=0.5)[0] == 200:
+                if http_get(self.port, self.ready_path, timeout=0.5)[0] == self.ready_status:
                     self.startup_seconds = time.monotonic() - started
                     return self
             except OSError:
@@ -313,9 +318,77 @@ def sidecar_env(db: BenchDatabase, fake: FakeAliyun, **extra: str) -> dict[str, 
     }
 
 
+def sidecar_code() -> str:
+    """Which code `sms-sidecar serve` runs (this checkout or a copy installed elsewhere), and whether it
+    is the checkout's HEAD."""
+    probe = [str(SERVE.parent / "python"), "-P", "-c", "import sidecar; print(sidecar.__file__)"]
+    where = Path(subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()).parent
+    git = ["git", "-C", str(ROOT), "--work-tree", str(where.parent)]
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read only: no opportunistic index refresh
+    rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, env=env).stdout
+    same = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "sidecar"], env=env).returncode == 0
+    place = "this checkout" if where == ROOT / "sidecar" else f"the copy in {where}"
+    return f"{place}, {'same as' if same else 'differs from'} sidecar/ of HEAD {rev.strip()}"
+
+
 def sidecar(db: BenchDatabase, fake: FakeAliyun, name: str = "sidecar", **extra: str) -> Server:
     """`sms-sidecar serve` as a real child process (the installed console script)."""
     return Server([str(SERVE), "serve"], sidecar_env(db, fake, **extra), name)
+
+
+# --- the Deno edge function this project replaces ------------------------------------------------------
+
+DENO_VERSION = "2.9.6"
+DENO_HOME = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sms-sidecar-bench" / "deno"
+DENO_DIR = DENO_HOME / "dir"  # Deno's own cache: the npm package standardwebhooks that index.ts imports
+DENO_SRC = BENCH / "deno"
+# No deno.json, no lockfile; import_map.json resolves index.ts's esm.sh import to the same npm package.
+DENO_FLAGS = ["--no-config", "--no-lock", "--import-map", str(DENO_SRC / "import_map.json")]
+
+
+def deno_binary() -> Path:
+    """The Deno CLI from npm (`deno@DENO_VERSION` in DENO_HOME), and index.ts's one import cached;
+    installed on first use, so that runs download nothing."""
+    found = sorted(DENO_HOME.glob("node_modules/@deno/linux-*/deno"))  # the binary itself, not npm's shim
+    if not found:
+        log(f"installing deno {DENO_VERSION} from npm into {DENO_HOME}")
+        DENO_HOME.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["npm", "install", "--prefix", str(DENO_HOME), "--no-audit", "--no-fund", "--save-exact",
+             f"deno@{DENO_VERSION}"], check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        found = sorted(DENO_HOME.glob("node_modules/@deno/linux-*/deno"))
+        if not found:
+            raise SystemExit(f"npm installed no Deno binary for this platform under {DENO_HOME}")
+    exe = found[0]
+    if not (DENO_DIR / "npm" / "registry.npmjs.org" / "standardwebhooks").is_dir():
+        subprocess.run([str(exe), "cache", *DENO_FLAGS, str(DENO_SRC / "serve.ts")], check=True,
+                       env={**os.environ, "DENO_DIR": str(DENO_DIR)})  # fmt: skip
+    return exe
+
+
+class DenoServer(Server):
+    ready_path = "/"
+    ready_status = 401  # index.ts's answer to an unsigned request: it is up and verifying
+
+
+def deno_server(fake: FakeAliyun) -> Server:
+    """bookshiyi/supabase-aliyun-sms-sender's index.ts (bench/deno/) under `deno run`, pointed at the fake
+    by bench/deno/serve.ts, configured as its README says (same credentials and hook secret as ours)."""
+    exe = deno_binary()
+    env = {
+        "DENO_DIR": str(DENO_DIR),
+        "NO_COLOR": "1",
+        "BENCH_ALIYUN_URL": fake.url + "/",
+        "ALIYUN_ACCESS_KEY_ID": AK,
+        "ALIYUN_ACCESS_KEY_SECRET": AK_SECRET,
+        "ALIYUN_SMS_SIGN_NAME": SIGN_NAME,
+        "ALIYUN_SMS_TEMPLATE_CODE": TEMPLATE,
+        "SEND_SMS_HOOK_SECRET": HOOK_SECRET,
+    }
+    argv = [str(exe), "run", *DENO_FLAGS, "--cached-only", "--allow-net=127.0.0.1", "--allow-env",
+            str(DENO_SRC / "serve.ts")]  # fmt: skip
+    return DenoServer(argv, env, "deno")
 
 
 def floor_server() -> Server:
@@ -436,6 +509,30 @@ def fake_aliyun(*, original: bool = False) -> FakeAliyun:
     return cls(credentials={AK: AK_SECRET}).start()
 
 
+# --- the sidecar's provider, in this process ----------------------------------------------------------
+
+SEND_TIMEOUT = 10.0  # seconds for one send, the whole call (the provider's `timeout`)
+
+
+def event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop of the kind `sms-sidecar serve` runs: uvloop where installed, else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def aliyun_provider(endpoint: str, max_connections: int = 256) -> AliyunProvider:
+    """The sidecar's Aliyun provider, over plain HTTP to the fake at `endpoint`; not started yet."""
+    from sidecar.config import AliyunConfig
+    from sidecar.providers.aliyun import AliyunProvider
+
+    config = AliyunConfig(access_key_id=AK, access_key_secret=AK_SECRET, sign_name=SIGN_NAME, template_code=TEMPLATE,
+                          endpoint=endpoint, protocol="http")  # fmt: skip
+    return AliyunProvider(config, max_connections=max_connections)
+
+
 # --- GoTrue hook requests -----------------------------------------------------------------------------
 
 
@@ -465,9 +562,22 @@ def next_phone() -> str:
     return "8613" + f"{n:09d}"
 
 
+def hook_event(phone: str | None = None) -> dict[str, Any]:
+    """A GoTrue v2.196 Send SMS event for a new phone (by default), user, metadata.uuid and client address
+    (so never a dedup hit, and per-IP advisory locks do not serialise them)."""
+    phone = phone or next_phone()
+    ip = f"198.18.{random.randrange(256)}.{random.randrange(1, 255)}"
+    return otp_login(
+        GOTRUE_VERSION,
+        phone=phone,
+        otp=f"{random.randrange(10**6):06d}",
+        user=make_user(phone=phone),
+        metadata=make_metadata(ip_address=ip),
+    )
+
+
 def make_hook_requests(count: int, *, secret: str = HOOK_SECRET) -> HookRequests:
-    """`count` distinct signed events: a new phone, user and metadata.uuid each (so never a dedup hit),
-    a client address each (so per-IP advisory locks do not serialise them), signed now."""
+    """`count` distinct signed events (`hook_event`), signed now."""
     fd, name = tempfile.mkstemp(prefix="bench-hook-", suffix=".tsv")
     phones = []
     now = int(time.time())
@@ -475,15 +585,7 @@ def make_hook_requests(count: int, *, secret: str = HOOK_SECRET) -> HookRequests
         for _ in range(count):
             phone = next_phone()
             phones.append(phone)
-            ip = f"198.18.{random.randrange(256)}.{random.randrange(1, 255)}"
-            payload = otp_login(
-                GOTRUE_VERSION,
-                phone=phone,
-                otp=f"{random.randrange(10**6):06d}",
-                user=make_user(phone=phone),
-                metadata=make_metadata(ip_address=ip),
-            )
-            body = go_json(payload)
+            body = go_json(hook_event(phone))
             msg_id = str(uuid.uuid4())
             signature = sign([secret], msg_id, now, body)
             text = body.decode("utf-8")
@@ -514,6 +616,15 @@ class WrkResult:
     server_cpu_ms_per_req: float = float("nan")
     db_cpu_ms_per_req: float = float("nan")  # the cluster's processes (when given), per completed request
 
+    @property
+    def failures(self) -> int:
+        return self.bad + self.socket_errors
+
+    @property
+    def ok_rps(self) -> float:
+        """Successful answers per second."""
+        return max(self.requests - self.bad, 0) / self.seconds
+
 
 def run_wrk(
     url: str,
@@ -525,10 +636,13 @@ def run_wrk(
     threads: int = 1,
     on_tick: Callable[[], None] | None = None,
     cluster: LocalCluster | None = None,
+    accept: str = "empty",
 ) -> WrkResult:
     """Closed-loop load with wrk: `connections` keep-alive connections, each cycling through its own
-    share of `requests`. Returns throughput, latency percentiles and the CPU wrk itself used."""
-    env = {**os.environ, "BENCH_REQUESTS": str(requests.path), "BENCH_THREADS": str(threads)}
+    share of `requests`. Returns throughput, latency percentiles and the CPU wrk itself used.
+    `accept`: what counts as success, "empty" (200 `{}`) or "gotrue" (200 without an `error` member)."""
+    env = {**os.environ, "BENCH_REQUESTS": str(requests.path), "BENCH_THREADS": str(threads),
+           "BENCH_ACCEPT": accept}  # fmt: skip
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{round(seconds)}s", "--timeout", "10s", "-s", str(LUA), url]
     server_cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
     busy0, total0 = machine_ticks()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 import _common as c
 
@@ -34,6 +35,7 @@ def one_round(db: c.BenchDatabase, fake: c.FakeAliyun, load_seconds: int, provid
     server = c.sidecar(db, fake, name=f"footprint-{provider}", **extra)
     if provider == "console":
         server.logfile.close()
+        Path(server.logfile.name).unlink()
         server.logfile = open("/dev/null", "wb")  # the console provider prints every code
     try:
         server.start()

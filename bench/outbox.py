@@ -4,8 +4,9 @@
 
 Three measurements, with 1 and 2 real `sms-sidecar serve` replicas (default worker settings):
 
-* fake alone: the most SendSms/s the fake sustains for the official SDK in a client process
-  (AliyunProvider.send in 16 threads, in 1 and in 2 processes), the reference for the drain rate;
+* fake alone: the most SendSms/s the fake sustains for the sidecar's provider in a client process
+  (AliyunProvider.send in 16 concurrent tasks over its one session, in 1 and in 2 processes), the
+  reference for the drain rate;
 * steady: codes requested through public.request_phone_code (pgbench -R 200, PostgREST-shaped
   transactions) at 200 codes/s, 10,000 in all, in rounds of 2,000; latency = the fake's
   Send.received_at minus the code's outbox.created_at (matched by OutId = delivery id);
@@ -17,12 +18,12 @@ Targets: steady p50 < 50 ms and p99 < 250 ms; drain >= 80% of the fake alone.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import psycopg
 
 P50_TARGET_MS, P99_TARGET_MS, DRAIN_TARGET = 50.0, 250.0, 0.80
 RATE = 200
+FAKE_ALONE_TASKS = 16
 REQUEST_SCRIPT = """\\set p random(0, 999999999)
 \\set u random(1, 1000000000)
 begin;
@@ -46,50 +48,41 @@ commit;
 """
 
 
-def sdk_client(endpoint: str, threads: int, seconds: float) -> None:
-    """Child mode: AliyunProvider.send (the sidecar's own SDK call) in `threads` threads for `seconds`."""
-    from sidecar.config import AliyunConfig
-    from sidecar.providers.aliyun import AliyunProvider
-    from sidecar.providers.base import Sms, Timeouts
+def provider_client(endpoint: str, tasks: int, seconds: float) -> None:
+    """Child mode: AliyunProvider.send (the sidecar's own provider, one session) in `tasks` concurrent
+    tasks for `seconds`, in the event loop `serve` runs."""
+    from sidecar.providers.base import Sms
 
-    config = AliyunConfig(
-        access_key_id=c.AK,
-        access_key_secret=c.AK_SECRET,
-        sign_name=c.SIGN_NAME,
-        template_code=c.TEMPLATE,
-        endpoint=endpoint,
-        protocol="http",
-    )
-    provider = AliyunProvider(config)
-    provider.warm_up()
-    timeouts = Timeouts(connect_ms=2000, read_ms=10000)
-    for i in range(20):
-        provider.send(Sms(phone=c.next_phone(), code="123456", out_id=str(i)), timeouts)
-    counts = [0] * threads
-    failures = [0]
-    stop = time.monotonic() + seconds
+    provider = c.aliyun_provider(endpoint)
 
-    def run(k: int) -> None:
-        while time.monotonic() < stop:
-            result = provider.send(Sms(phone=c.next_phone(), code="123456", out_id=str(k)), timeouts)
-            counts[k] += 1
-            if not result.accepted:
-                failures[0] += 1
+    async def run() -> dict[str, float]:
+        await provider.start()
+        for i in range(20):
+            await provider.send(Sms(c.next_phone(), "123456", str(i)), c.SEND_TIMEOUT)
+        counts, failures = [0] * tasks, [0]
+        loop = asyncio.get_running_loop()
+        stop = loop.time() + seconds
 
-    cpu0, wall0 = time.process_time(), time.monotonic()
-    workers = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    wall, cpu = time.monotonic() - wall0, time.process_time() - cpu0
-    print(json.dumps({"sends": sum(counts), "seconds": wall, "cpu": cpu, "failures": failures[0]}))
+        async def sender(k: int) -> None:
+            while loop.time() < stop:
+                result = await provider.send(Sms(c.next_phone(), "123456", str(k)), c.SEND_TIMEOUT)
+                counts[k] += 1
+                if not result.accepted:
+                    failures[0] += 1
+
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        await asyncio.gather(*(sender(k) for k in range(tasks)))
+        wall, cpu = time.monotonic() - wall0, time.process_time() - cpu0
+        await provider.close()
+        return {"sends": sum(counts), "seconds": wall, "cpu": cpu, "failures": failures[0]}
+
+    print(json.dumps(c.event_loop().run_until_complete(run())))
 
 
-def fake_alone(fake: c.FakeAliyun, processes: int, threads: int, seconds: float) -> dict[str, float]:
+def fake_alone(fake: c.FakeAliyun, processes: int, tasks: int, seconds: float) -> dict[str, float]:
     me = os.getpid()
     cpu0 = c.cpu_seconds(me)
-    argv = [c.PYTHON, __file__, "--sdk-client", fake.endpoint, str(threads), str(seconds)]
+    argv = [c.PYTHON, __file__, "--provider-client", fake.endpoint, str(tasks), str(seconds)]
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
     outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
     fake_cpu = c.cpu_seconds(me) - cpu0
@@ -197,8 +190,8 @@ def drain(db: c.BenchDatabase, fake: c.FakeAliyun, codes: int, pids: tuple[int, 
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--sdk-client":
-        sdk_client(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--provider-client":
+        provider_client(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
         return
     args = c.parser(__doc__.splitlines()[0]).parse_args()
     facts = c.facts_block()
@@ -216,10 +209,11 @@ def main() -> None:
         try:
             for r in range(fa_rounds):
                 for procs in (1, 2):
-                    res = fake_alone(fake, procs, 16, fa_seconds)
+                    res = fake_alone(fake, procs, FAKE_ALONE_TASKS, fa_seconds)
                     fa.setdefault(procs, []).append(res)
                     c.log(
-                        f"fake alone, {procs} client process(es) x 16 threads, round {r + 1}: {res['rate']:.0f}/s "
+                        f"fake alone, {procs} client process(es) x {FAKE_ALONE_TASKS} tasks, round {r + 1}: "
+                        f"{res['rate']:.0f}/s "
                         f"(client {res['client_cpu_ms']:.2f} ms CPU/send, fake {res['fake_cpu_ms']:.2f} ms CPU/send)"
                     )
             for replicas in (1, 2):
@@ -228,8 +222,8 @@ def main() -> None:
                     for s in servers:
                         s.start()
                     time.sleep(1.0)  # LISTEN connections up
-                    # A fresh process's first SendSms builds the SDK's HTTP session (an SSL context with
-                    # the CA bundle, even for http): measured apart in Findings, kept out of the rounds.
+                    # A fresh process's first deliveries open the provider's connections and the pool's:
+                    # kept out of the rounds (costs.py D measures a first send).
                     drain(db, fake, 50 * replicas)
                     for r in range(st_rounds):
                         res = steady(db, fake, script, st_codes)
@@ -266,7 +260,7 @@ def main() -> None:
     fake_best = max(c.median([x["rate"] for x in fa[p]]) for p in fa)
     rows_fa = [
         [
-            f"{p} process x 16 threads",
+            f"{p} process x {FAKE_ALONE_TASKS} tasks",
             c.spread([x["rate"] for x in fa[p]], 0),
             c.spread([x["client_cpu_ms"] for x in fa[p]], 2),
             c.spread([x["fake_cpu_ms"] for x in fa[p]], 2),
@@ -275,19 +269,19 @@ def main() -> None:
     ]
     rows = []
     for replicas in (1, 2):
-        s, d = st[replicas], dr[replicas]
+        steady_runs, drain_runs = st[replicas], dr[replicas]
         rows.append(
             [
                 replicas,
-                c.spread([x["rate"] for x in s], 0),
-                c.spread([x["p50"] for x in s], 1),
-                c.spread([x["p99"] for x in s], 1),
-                c.spread([x["max"] for x in s], 0),
-                c.spread([x["rate"] for x in d], 0),
-                c.spread([x["rate"] / fake_best * 100 for x in d], 0),
-                c.spread([x["first_ms"] for x in d], 0),
-                c.spread([x["worker_cpu_ms"] for x in d], 2),
-                c.spread([x["db_cpu_ms"] for x in d], 2),
+                c.spread([x["rate"] for x in steady_runs], 0),
+                c.spread([x["p50"] for x in steady_runs], 1),
+                c.spread([x["p99"] for x in steady_runs], 1),
+                c.spread([x["max"] for x in steady_runs], 0),
+                c.spread([x["rate"] for x in drain_runs], 0),
+                c.spread([x["rate"] / fake_best * 100 for x in drain_runs], 0),
+                c.spread([x["first_ms"] for x in drain_runs], 0),
+                c.spread([x["worker_cpu_ms"] for x in drain_runs], 2),
+                c.spread([x["db_cpu_ms"] for x in drain_runs], 2),
             ]
         )
     targets = []
@@ -322,7 +316,7 @@ def main() -> None:
             f"Fake alone: {fa_rounds} rounds x {fa_seconds:.0f} s. Steady: {st_rounds} rounds x {st_codes:,} codes at "
             f"{RATE}/s (pgbench -R, Poisson arrivals). Drain: {dr_rounds} rounds x {dr_codes:,} codes committed at "
             "once. Median (min–max) over rounds.",
-            c.table(["fake alone", "SendSms/s", "SDK client CPU ms/send", "fake CPU ms/send"], rows_fa),
+            c.table(["fake alone", "SendSms/s", "client CPU ms/send", "fake CPU ms/send"], rows_fa),
             c.table(
                 [
                     "replicas",

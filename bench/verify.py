@@ -54,10 +54,10 @@ SCRIPTS = {
 def seed_codes(db: c.BenchDatabase, phones: int) -> None:
     """One outstanding code per phone 8613000000001.., bound to user md5('u'||n)::uuid, code known."""
     db.execute(
-        "insert into sms.codes (id, phone, purpose, user_id, code_hash, expires_at)"
-        " select s.id, '8613' || lpad(s.g::text, 9, '0'), 'default', md5('u' || s.g)::uuid,"
+        "insert into sms.codes (id, phone, purpose, owner, user_id, code_hash, expires_at)"
+        " select s.id, '8613' || lpad(s.g::text, 9, '0'), 'default', 'user:' || s.uid, s.uid,"
         "        sms.code_hash(s.id, lpad((s.g * 7919 %% 1000000)::text, 6, '0')), now() + interval '1 day'"
-        " from (select g, gen_random_uuid() as id from generate_series(1, %s) as g) as s",
+        " from (select g, gen_random_uuid() as id, md5('u' || g)::uuid as uid from generate_series(1, %s) as g) as s",
         [phones],
         superuser=True,
     )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import ssl
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -30,8 +29,6 @@ from sidecar.providers.base import Outcome, SendResult, Sms
 from sidecar.providers.errors import CONNECT_PHASE, Failure, ProviderError, describe_failure, provider_text
 
 __all__ = ["AliyunProvider", "classify_business_error"]
-
-log = logging.getLogger(__name__)
 
 _CHINA = timezone(timedelta(hours=8))  # Aliyun keeps send records by China Standard Time day
 _API_VERSION = "2017-05-25"
