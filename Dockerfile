@@ -1,11 +1,18 @@
 # supabase-aliyun-sms sidecar image.
 #
 #   docker build -t supabase-aliyun-sms .
-#   docker run --rm -e DATABASE_URL=... -e SEND_SMS_HOOK_SECRETS=... -p 8090:8090 supabase-aliyun-sms
+#   docker run --rm --env-file sidecar.env -p 8090:8090 supabase-aliyun-sms
+#
+# sidecar.env holds at least DATABASE_URL and SEND_SMS_HOOK_SECRETS, plus either the four
+# ALIYUN_ACCESS_KEY_ID, ALIYUN_ACCESS_KEY_SECRET, ALIYUN_SMS_SIGN_NAME, ALIYUN_SMS_TEMPLATE_CODE or
+# SMS_PROVIDER=console: without provider settings the container exits at once, naming the first
+# missing variable.
 #
 # `serve` (the default command) runs the Send SMS hook target, /healthz, /readyz, /metrics and the
-# delivery worker; `migrate` applies the bundled SQL migrations. See compose.yaml for the wiring
-# next to Supabase's self-hosted docker-compose.yml.
+# delivery worker (and the gRPC API when GRPC_PORT is set); `migrate` applies the bundled SQL
+# migrations. The HEALTHCHECK asks /healthz, which only `serve` answers: for gRPC in a container run
+# `serve` with GRPC_PORT, not `grpc` (or use --no-healthcheck). See compose.yaml for the wiring next
+# to Supabase's self-hosted docker-compose.yml.
 
 ############################################################################################
 # Builder: the locked dependencies and the project's wheel, installed into /install.

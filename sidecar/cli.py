@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import Config, ConfigError, check_database_url
+from sidecar.config import Config, ConfigError, check_database_url, is_placeholder
 
 __all__ = ["main"]
 
@@ -35,9 +35,14 @@ def _migrate(args: argparse.Namespace) -> int:
     from sidecar.migrate import MigrationError, enable_sidecar_login, migrate
 
     url = _database_url()
+    password = os.environ.get("SMS_SIDECAR_DB_PASSWORD", "")
+    if is_placeholder(password):
+        raise SystemExit(
+            "sms-sidecar: SMS_SIDECAR_DB_PASSWORD is still the REPLACE_WITH_... placeholder from .env.example; "
+            "set a real password in .env (e.g. openssl rand -hex 24)"
+        )
     try:
         applied = migrate(url, args.dir)
-        password = os.environ.get("SMS_SIDECAR_DB_PASSWORD", "")
         if password:
             enable_sidecar_login(url, password)
             print("sms_sidecar may log in with SMS_SIDECAR_DB_PASSWORD")

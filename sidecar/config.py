@@ -22,6 +22,7 @@ T = TypeVar("T", int, float)
 DEFAULT_ENDPOINT = "dysmsapi.aliyuncs.com"
 _TEMPLATE_CODE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 _PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
+_PLACEHOLDER = re.compile(r"REPLACE_WITH", re.IGNORECASE)  # .env.example: "replace every REPLACE_... value"
 _GRPC_TOKEN = re.compile(r"^[\x21-\x7e]{16,512}$")  # visible ASCII: it travels in a metadata header
 
 
@@ -37,18 +38,29 @@ def mask_password(url: str) -> str:
     return f"{prefix}{user}:***@{tail}" if colon else url
 
 
+def is_placeholder(value: str) -> bool:
+    """Whether a value is still one of .env.example's ``REPLACE_WITH_...`` placeholders."""
+    return _PLACEHOLDER.search(value) is not None
+
+
 def check_database_url(url: str) -> None:
     """Refuse a DATABASE_URL libpq cannot parse, naming it with the password masked (libpq's own
-    message quotes the whole string, password included)."""
+    message quotes the whole string, password included), and one whose password is still
+    .env.example's placeholder."""
     import psycopg.conninfo
 
     try:
-        psycopg.conninfo.conninfo_to_dict(url)
+        params = psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError:
         raise ConfigError(
             f"DATABASE_URL is not a PostgreSQL URL ({mask_password(url)}); expected "
             "postgresql://user:password@host:port/database"
         ) from None
+    if is_placeholder(str(params.get("password") or "")):
+        raise ConfigError(
+            "DATABASE_URL: the password is still the REPLACE_WITH_... placeholder from .env.example; "
+            "set SMS_SIDECAR_DB_PASSWORD in .env (e.g. openssl rand -hex 24)"
+        )
 
 
 class ConfigError(ValueError):

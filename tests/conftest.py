@@ -7,6 +7,7 @@ with the Supabase stand-in.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -152,6 +153,20 @@ def without_send_limits(settings: Any, **extra: Any) -> None:
     settings(resend_cooldown_seconds=None, hourly_limit_per_phone=None, daily_limit_per_phone=None,
              others_hourly_limit_per_phone=None, others_daily_limit_per_phone=None, hourly_limit_per_user=None,
              hourly_limit_per_ip=None, **extra)  # fmt: skip
+
+
+def auth_limits_hit(database: Database, phone: str) -> tuple[list[str], int]:
+    """The limits (and seconds to wait) that refuse one more Auth hook SMS to `phone` now: the check both
+    hook paths run (sms.enforce_send_limits for the requester 'auth', who owns the number), rolled back."""
+    with psycopg.connect(database.url) as conn:
+        try:
+            conn.execute("select sms.enforce_send_limits(%s, 'auth', true, null, null)", [phone])
+        except psycopg.Error as exc:
+            details = json.loads(json.loads(exc.diag.message_primary or "{}")["details"])
+            return list(details["limits"]), int(details["retry_after"])
+        finally:
+            conn.rollback()
+    return [], 0
 
 
 def drain_queue(database: Database) -> None:

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Database
@@ -157,7 +158,7 @@ def test_check_passes_on_a_ready_deployment(database: Database, fake: FakeAliyun
     assert result.returncode == 0, result.stdout
     lines = result.stdout.splitlines()
     assert [line.split(":")[0].split()[-1] for line in lines] == [
-        "configuration", "database", "migrations", "grants", "aliyun",
+        "configuration", "database", "migrations", "grants", "numbers", "aliyun",
     ]  # fmt: skip
     assert all(line.startswith("ok") for line in lines)
     assert AK_SECRET not in result.stdout
@@ -183,6 +184,18 @@ def test_check_notices_an_unreachable_database(fake: FakeAliyun, database: Datab
 def test_check_warns_about_a_too_powerful_role(database: Database, fake: FakeAliyun) -> None:
     result = check(live_env(database, fake, DATABASE_URL=database.url))
     assert result.returncode == 0 and "prefer the sms_sidecar role" in result.stdout
+
+
+def test_check_warns_that_test_numbers_do_not_work_for_auth(
+    database: Database, fake: FakeAliyun, settings: Any
+) -> None:
+    settings(test_codes={"8613900000007": "135791", "8613900000008": "246802"})
+    result = check(live_env(database, fake))
+    assert result.returncode == 0, result.stdout  # a warning, not a failure
+    (line,) = [line for line in result.stdout.splitlines() if "test numbers" in line]
+    assert line.startswith("warn  test numbers: 2 in sms.settings.test_codes")
+    assert "GOTRUE_SMS_TEST_OTP" in line
+    assert "135791" not in result.stdout and "8613900000007" not in result.stdout
 
 
 def test_check_reports_configuration_errors_first(database: Database, fake: FakeAliyun) -> None:

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 from gotrue import generate_secret
 
-from sidecar.config import DEFAULT_ENDPOINT, Config, ConfigError, GrpcConfig, check_database_url, mask_password
+from sidecar.config import (
+    DEFAULT_ENDPOINT,
+    Config,
+    ConfigError,
+    GrpcConfig,
+    check_database_url,
+    is_placeholder,
+    mask_password,
+)
 from sidecar.logs import mask_phone
 
 SECRET = generate_secret()
@@ -210,3 +218,39 @@ def test_a_database_url_libpq_cannot_parse_is_a_config_error_without_the_passwor
     with pytest.raises(ConfigError, match=r"DATABASE_URL is not a PostgreSQL URL \(postgresql//u:\*\*\*@h/db\)"):
         check_database_url("postgresql//u:hunter2@h/db")
     check_database_url("postgresql://u:hunter2@h/db")
+
+
+ENV_EXAMPLE = Path(__file__).resolve().parents[1] / ".env.example"
+
+
+def test_the_env_example_database_password_placeholder_is_refused() -> None:
+    # As shipped, .env.example's SMS_SIDECAR_DB_PASSWORD lands in the sidecar's DATABASE_URL unchanged.
+    (placeholder,) = [
+        line.partition("=")[2]
+        for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines()
+        if line.startswith("SMS_SIDECAR_DB_PASSWORD=")
+    ]
+    assert is_placeholder(placeholder)
+    url = f"postgresql://sms_sidecar:{placeholder}@db:5432/postgres"
+    refused = r"^DATABASE_URL: the password is still the REPLACE_WITH_\.\.\. placeholder"
+    with pytest.raises(ConfigError, match=refused) as info:
+        Config.from_env({**ALIYUN, "DATABASE_URL": url})
+    assert placeholder not in str(info.value)
+    with pytest.raises(ConfigError, match="placeholder"):
+        check_database_url(f"host=db user=sms_sidecar password={placeholder}")
+    # A real password (openssl rand -hex 24) passes, and so does no password at all.
+    check_database_url("postgresql://sms_sidecar:3f9a0c1b2d4e5f60718293a4b5c6d7e8f9a0b1c2d3e4f506@db:5432/postgres")
+    check_database_url("postgresql://sms_sidecar@db/postgres")
+
+
+def test_migrate_refuses_the_placeholder_before_touching_the_database() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("SMS_SIDECAR_DB_PASSWORD",)}
+    env.update(DATABASE_URL="postgresql://postgres:pw@127.0.0.1:1/postgres",
+               SMS_SIDECAR_DB_PASSWORD="REPLACE_WITH_OUTPUT_OF_openssl_rand_hex_24")  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "sidecar", "migrate"], env=env, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "sms-sidecar: SMS_SIDECAR_DB_PASSWORD is still the REPLACE_WITH_... placeholder from .env.example; "
+        "set a real password in .env (e.g. openssl rand -hex 24)"
+    ]

@@ -383,9 +383,13 @@ def test_env_example_works_once_filled_in(services: dict[str, Any], final: Stage
 def test_env_example_placeholders_stop_start_up(
     services: dict[str, Any], final: Stage, example: dict[str, str]
 ) -> None:
-    # An operator who forgets to generate the hook secret gets a clear start-up error.
-    with pytest.raises(ConfigError, match="SEND_SMS_HOOK_SECRETS"):
+    # An operator who forgets to generate the database password or the hook secret gets a clear
+    # start-up error naming it.
+    with pytest.raises(ConfigError, match="DATABASE_URL: the password is still the REPLACE_WITH_"):
         Config.from_env(serve_env(services[SIDECAR], final, example))
+    password_set = {**example, "SMS_SIDECAR_DB_PASSWORD": filled_in(example)["SMS_SIDECAR_DB_PASSWORD"]}
+    with pytest.raises(ConfigError, match="SEND_SMS_HOOK_SECRETS"):
+        Config.from_env(serve_env(services[SIDECAR], final, password_set))
 
 
 def test_console_provider_needs_no_aliyun_settings(

@@ -18,7 +18,7 @@ WRAPPERS = {
 # is the operator's (pg_cron as postgres).
 SIDECAR_FUNCTIONS = {
     "schema_version", "claim_messages", "finish_delivery", "finish_deliveries", "release_messages", "hook_begin",
-    "message_state", "queue_stats",
+    "message_state", "queue_stats", "test_number_count",
 }  # fmt: skip
 GRPC_FUNCTIONS = {"grpc_send_code", "grpc_verify_code", "message_state", "schema_version"}
 
@@ -136,3 +136,36 @@ def test_exposed_schema_has_no_sensitive_tables(database: Database) -> None:
         " where c.relnamespace = 'public'::regnamespace and a.attname ~ '(otp|code|token)'"
     )
     assert exposed == []
+
+
+def test_the_operator_view_is_postgres_only_and_hides_codes_and_numbers(database: Database, api: PostgREST) -> None:
+    from sidecar.logs import mask_phone
+
+    (options,) = database.one(
+        "select reloptions from pg_class where oid = 'sms.delivery_log'::regclass and relkind = 'v'"
+    )
+    assert options == "security_invoker=true" or "security_invoker=true" in options
+    assert database.one("select pg_get_userbyid(relowner) from pg_class where oid = 'sms.delivery_log'::regclass") == (
+        "postgres"
+    )
+    assert database.one("select obj_description('sms.delivery_log'::regclass, 'pg_class')")
+    granted = database.execute(
+        "select a.grantee::regrole::text from pg_class as c cross join lateral aclexplode(c.relacl) as a"
+        " where c.oid = 'sms.delivery_log'::regclass and a.grantee <> c.relowner"
+    )
+    assert granted == []
+    for role in (*API_ROLES, "sms_sidecar", "sms_grpc", "supabase_auth_admin"):
+        assert not database.one("select has_table_privilege(%s, 'sms.delivery_log', 'select')", [role]), role
+    columns = {c for (c,) in database.execute(
+        "select attname from pg_attribute where attrelid = 'sms.delivery_log'::regclass and attnum > 0"
+    )}  # fmt: skip
+    assert not columns & {"code", "phone", "client_ip", "ip_key", "dedup_key"}
+    phones = ["8613012341234", "14155550123", "447700900123", "3725551234", "88612345678"]
+    for phone in phones:
+        assert api.rpc("request_phone_code", {"phone": "+" + phone}, SERVICE).status in (200, 400)
+    shown = dict(database.execute(
+        "select o.phone, l.phone_masked from sms.delivery_log as l join sms.outbox as o on o.id = l.message_id"
+        " where o.phone = any(%s)",
+        [phones],
+    ))  # fmt: skip
+    assert shown and all(masked == mask_phone(phone) for phone, masked in shown.items())

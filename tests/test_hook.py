@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -14,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Database, drain_queue, fresh_phone
+from conftest import Database, auth_limits_hit, drain_queue, fresh_phone
 from fake_aliyun import BusinessError, Delay, Drop, FakeAliyun, GatewayError, flow_control, refused_endpoint
 from gotrue import (
     GoTrueHookCaller,
@@ -295,6 +296,35 @@ def test_per_phone_cooldown_applies_to_the_hook(sidecar: str, fake: FakeAliyun) 
     result = gotrue(sidecar).call(otp_login(NEW, phone=phone, otp="654321"))
     assert result.status == 429 and "60" in (result.message or "")
     assert len(fake.sends) == 1
+
+
+def wait_in(message: str | None) -> str:
+    found = re.search(r"in (\d+) seconds", message or "")
+    assert found, message
+    return found.group(1)
+
+
+def test_hourly_limit_per_phone_applies_to_the_hook(
+    sidecar: str, fake: FakeAliyun, database: Database, settings: Any
+) -> None:
+    settings(resend_cooldown_seconds=None)  # hourly_limit_per_phone at its default, 5
+    phone = fresh_phone()
+    for n in range(5):
+        assert gotrue(sidecar).call(otp_login(NEW, phone=phone, otp=f"10000{n}")).outcome == "success"
+    database.execute(
+        "update sms.outbox set created_at = created_at - interval '50 minutes' where id = "
+        "(select id from sms.outbox where phone = %s order by created_at limit 1)",
+        [phone],
+    )
+    result = gotrue(sidecar).call(otp_login(NEW, phone=phone, otp="100005"))
+    # The user is told the wait; the limit named is the one the hook's check hit.
+    assert result.status == 429 and 595 <= int(wait_in(result.message)) <= 600
+    assert "hourly_limit_per_phone" in auth_limits_hit(database, phone)[0]
+    assert len(fake.sends) == 5
+    # Older GoTrue gets a non-2xx status it cannot read as success.
+    old = gotrue(sidecar, OLD).call(otp_login(OLD, phone=phone, otp="100006"))
+    assert old.outcome != "success" and old.attempts[-1].status not in (200, 429, 503)
+    assert len(fake.sends) == 5
 
 
 def test_per_ip_limit_applies_to_the_hook(sidecar: str, fake: FakeAliyun, settings: Any) -> None:

@@ -41,17 +41,37 @@ def test_cooldown_ends(api: PostgREST, database: Database, phone: str) -> None:
     assert ask(api, phone, alice).status == 200
 
 
+def age_oldest_send(database: Database, phone: str, by: str) -> None:
+    database.execute(
+        "update sms.outbox set created_at = created_at - %s::interval where id ="
+        " (select id from sms.outbox where phone = %s order by created_at limit 1)",
+        [by, phone],
+    )
+
+
 def test_daily_limit_per_phone(api: PostgREST, database: Database, settings: Any, phone: str) -> None:
     settings(resend_cooldown_seconds=None, daily_limit_per_phone=3)
     for _ in range(3):
         assert ask(api, phone, SERVICE).status == 200
     # Age the oldest send: the wait is until it leaves the 24-hour window.
-    database.execute(
-        "update sms.outbox set created_at = created_at - interval '23 hours' where id = "
-        "(select id from sms.outbox where phone = %s order by created_at limit 1)",
-        [phone],
-    )
+    age_oldest_send(database, phone, "23 hours")
     assert_limited(ask(api, phone, SERVICE), "daily_limit_per_phone", 3595, 3600)
+
+
+def test_hourly_limit_per_phone_defaults_to_aliyuns_five(
+    api: PostgREST, database: Database, settings: Any, phone: str
+) -> None:
+    settings(resend_cooldown_seconds=None)  # the hourly limit alone, at its default
+    assert database.one("select hourly_limit_per_phone from sms.settings") == 5
+    for _ in range(5):
+        assert ask(api, phone, SERVICE).status == 200
+    # The sixth in the hour would meet Aliyun's isv.BUSINESS_LIMIT_CONTROL: refused here, with the
+    # wait until the oldest of the five leaves the rolling hour.
+    age_oldest_send(database, phone, "50 minutes")
+    assert_limited(ask(api, phone, SERVICE), "hourly_limit_per_phone", 595, 600)
+    assert database.one("select count(*) from sms.outbox where phone = %s", [phone]) == 5
+    settings(hourly_limit_per_phone=None)
+    assert ask(api, phone, SERVICE).status == 200
 
 
 def test_hourly_limit_per_user(api: PostgREST, settings: Any) -> None:

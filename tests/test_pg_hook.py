@@ -4,12 +4,13 @@ inside the auth request's transaction, with a 2 s statement timeout and GoTrue's
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from conftest import Database, drain_queue, fresh_phone
+from conftest import Database, auth_limits_hit, drain_queue, fresh_phone
 from fake_aliyun import FakeAliyun
 from gotrue import go_json, make_metadata, mfa_challenge, otp_login, phone_change
 from servers import run_app, sidecar_url
@@ -81,6 +82,24 @@ def test_limits_answer_429_with_a_message(database: Database) -> None:
     result = call_hook(database, go_json(otp_login((2, 196, 0), phone=phone, otp="271828")))
     assert result["error"]["http_code"] == 429 and "60" in result["error"]["message"]
     assert database.one("select count(*) from sms.outbox where phone = %s", [phone]) == 1
+
+
+def test_hourly_limit_per_phone_applies_to_the_pg_hook(database: Database, settings: Any) -> None:
+    settings(resend_cooldown_seconds=None)  # hourly_limit_per_phone at its default, 5
+    phone = fresh_phone()
+    for n in range(5):
+        assert call_hook(database, go_json(otp_login((2, 196, 0), phone=phone, otp=f"20000{n}"))) == {}
+    database.execute(
+        "update sms.outbox set created_at = created_at - interval '50 minutes' where id = "
+        "(select id from sms.outbox where phone = %s order by created_at limit 1)",
+        [phone],
+    )
+    result = call_hook(database, go_json(otp_login((2, 196, 0), phone=phone, otp="200005")))
+    assert result["error"]["http_code"] == 429
+    wait = re.search(r"in (\d+) seconds", result["error"]["message"])
+    assert wait and 595 <= int(wait.group(1)) <= 600, result
+    assert "hourly_limit_per_phone" in auth_limits_hit(database, phone)[0]
+    assert database.one("select count(*) from sms.outbox where phone = %s", [phone]) == 5
 
 
 def test_per_ip_limit_uses_metadata_ip_address(database: Database, settings: Any) -> None:

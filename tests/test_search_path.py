@@ -100,6 +100,7 @@ def test_a_planted_pg_temp_type_never_runs_as_the_owner(attacker: Any, type_name
         ("sms_sidecar", "select sms.queue_stats()", None),
         ("sms_sidecar", "select sms.message_state('00000000-0000-4000-8000-000000000000')", None),
         ("sms_sidecar", "select sms.schema_version()", None),
+        ("sms_sidecar", "select sms.test_number_count()", None),
         ("sms_grpc", "select sms.grpc_send_code(%s, null, null)", [fresh_phone()]),
         ("sms_grpc", "select sms.grpc_verify_code(%s, '123456')", [phone]),
         ("supabase_auth_admin", "select sms.send_sms_hook(%s::pg_catalog.jsonb)", [hook_event(fresh_phone())]),
