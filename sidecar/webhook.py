@@ -105,7 +105,7 @@ class WebhookVerifier:
         """
         msg_id, timestamp, signature = _required_headers(headers)
         normalised = {_ID: msg_id, _TIMESTAMP: timestamp, _SIGNATURE: signature.replace(", ", " ")}
-        reason = "no key configured"
+        reason = "no matching signature"
         for webhook in self._webhooks:
             try:
                 webhook.verify(body, normalised, json_parse=False)
