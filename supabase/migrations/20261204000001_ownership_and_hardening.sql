@@ -59,7 +59,8 @@ alter table sms.outbox add column if not exists ip_key text;
 comment on column sms.outbox.requester is 'Who asked for this SMS (user:<uuid>, service, grpc, auth, anon:<address>); the resend cooldown is per phone and requester.';
 comment on column sms.outbox.by_owner is 'False when the requester does not own the number: such sends share the phone''s others_* budget.';
 comment on column sms.outbox.ip_key is 'The client address as the per-IP limit counts it (IPv4 host, IPv6 /64, or invalid/unknown).';
-create index if not exists outbox_phone_requester_created_idx on sms.outbox (phone, requester, created_at desc);
+-- The cooldown (phone and requester) reads the few rows of one phone through outbox_phone_created_idx:
+-- no index of its own, since every status change of a row rewrites all of them (no HOT update).
 create index if not exists outbox_ip_key_created_idx on sms.outbox (ip_key, created_at desc) where ip_key is not null;
 drop index if exists sms.outbox_ip_created_idx;
 
