@@ -9,6 +9,7 @@ the number share a small part of that, so they can neither lock the owner out no
 from __future__ import annotations
 
 import json
+import random
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -88,8 +89,8 @@ def test_anonymous_callers_cannot_guess_away_a_code_the_backend_requested(
     assert check(api, phone, backend, SERVICE) == {"valid": True}
     # Anonymous callers own codes by address: another address can neither use nor kill them.
     here, there = (
-        Caller("anon", headers={"x-real-ip": "198.51.100.20"}),
-        Caller("anon", headers={"x-real-ip": "198.51.100.21"}),
+        Caller("anon", headers={"x-real-ip": unused_ipv4(database)}),
+        Caller("anon", headers={"x-real-ip": unused_ipv4(database)}),
     )
     theirs = code_of(database, ask(api, phone, here))
     for _ in range(5):
@@ -160,20 +161,28 @@ def test_limits_hold_at_every_isolation_level(database: Database, settings: Any,
         assert sent == allowed and set(outcomes) == {"ok", "over_sms_send_rate_limit"}, outcomes
 
 
+def unused_ipv4(database: Database) -> str:
+    """A client address no earlier request of this test session came from (the limits count per hour)."""
+    while True:
+        address = f"100.{random.randrange(64, 128)}.{random.randrange(256)}.{random.randrange(1, 255)}"
+        if not database.one("select exists (select from sms.outbox where ip_key = %s)", [address]):
+            return address
+
+
 @pytest.mark.parametrize(
     "forms",
     [
-        ["198.51.100.{n}", "198.51.100.{n}/24", "198.51.100.{n}/32", "::ffff:198.51.100.{n}"],
-        ["2001:db8:{n}:1::1", "2001:db8:{n}:1::2", "2001:DB8:{n}:1:0:0:0:3", "2001:db8:{n}:1::4/128"],
+        ["{v4}", "{v4}/24", "{v4}/32", "::ffff:{v4}"],
+        ["2001:db8:{g}:1::1", "2001:db8:{g}:1::2", "2001:DB8:{g}:1:0:0:0:3", "2001:db8:{g}:1::4/128"],
     ],
     ids=["ipv4", "ipv6-per-64"],
 )
 def test_one_host_is_counted_once_however_its_address_is_written(
-    api: PostgREST, settings: Any, forms: list[str]
+    api: PostgREST, database: Database, settings: Any, forms: list[str]
 ) -> None:
     settings(hourly_limit_per_ip=3, hourly_limit_per_user=None)
-    n = uuid.uuid4().int % 200 + 1
-    answers = [ask(api, fresh_phone(), user(x_real_ip=form.format(n=n))) for form in forms]
+    v4, group = unused_ipv4(database), uuid.uuid4().hex[:4]  # tests/test_hostile.py's IPv6 use other /64s
+    answers = [ask(api, fresh_phone(), user(x_real_ip=form.format(v4=v4, g=group))) for form in forms]
     assert [a.status for a in answers] == [200, 200, 200, 429], [a.body for a in answers]
     assert limits_hit(answers[-1]) == ["hourly_limit_per_ip"]
 
@@ -201,7 +210,7 @@ def test_anonymous_sign_ins_are_counted_per_address_not_per_fresh_user(
     api: PostgREST, database: Database, settings: Any
 ) -> None:
     settings(hourly_limit_per_ip=3, hourly_limit_per_user=10)
-    address = f"203.0.113.{uuid.uuid4().int % 200 + 20}"
+    address = unused_ipv4(database)
     answers = [ask(api, fresh_phone(), anonymous_user(x_real_ip=address)) for _ in range(5)]
     assert [a.status for a in answers] == [200] * 3 + [429] * 2
     assert limits_hit(answers[-1]) == ["hourly_limit_per_ip"]
@@ -210,9 +219,10 @@ def test_anonymous_sign_ins_are_counted_per_address_not_per_fresh_user(
     answers = [ask(api, fresh_phone(), anonymous_user()) for _ in range(4)]
     assert [a.status for a in answers] == [200] * 3 + [429]
     # Their codes are still theirs alone.
-    phone, me = fresh_phone(), anonymous_user(x_real_ip="198.51.100.99")
+    phone, here = fresh_phone(), unused_ipv4(database)
+    me = anonymous_user(x_real_ip=here)
     mine = code_of(database, ask(api, phone, me))
-    assert check(api, phone, mine, anonymous_user(x_real_ip="198.51.100.99"))["reason"] == "not_found"
+    assert check(api, phone, mine, anonymous_user(x_real_ip=here))["reason"] == "not_found"
     assert check(api, phone, mine, me) == {"valid": True}
 
 
@@ -225,8 +235,8 @@ def test_anonymous_sign_ins_can_be_refused(api: PostgREST, settings: Any) -> Non
 
 def test_the_hook_counts_its_address_per_host(database: Database, settings: Any) -> None:
     settings(hourly_limit_per_ip=1)
-    n = uuid.uuid4().int % 200 + 1
-    first = otp_login((2, 196, 0), phone=fresh_phone(), metadata=make_metadata(ip_address=f"198.18.0.{n}"))
-    second = otp_login((2, 196, 0), phone=fresh_phone(), metadata=make_metadata(ip_address=f"::ffff:198.18.0.{n}"))
+    v4 = unused_ipv4(database)
+    first = otp_login((2, 196, 0), phone=fresh_phone(), metadata=make_metadata(ip_address=v4))
+    second = otp_login((2, 196, 0), phone=fresh_phone(), metadata=make_metadata(ip_address=f"::ffff:{v4}"))
     assert call_hook(database, go_json(first)) == {}
     assert call_hook(database, go_json(second))["error"]["http_code"] == 429
