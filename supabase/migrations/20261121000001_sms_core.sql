@@ -160,7 +160,7 @@ create or replace function sms.schema_version()
 returns text
 language sql
 immutable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$ select '20261121000001'::text $$;
 comment on function sms.schema_version() is 'supabase-aliyun-sms: version of the newest migration applied; /readyz compares it with the sidecar''s own.';
 
@@ -168,7 +168,7 @@ create or replace function sms.current_settings()
 returns sms.settings
 language plpgsql
 stable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     s sms.settings;
@@ -192,7 +192,7 @@ create or replace function sms.raise_api_error(
 returns void
 language plpgsql
 volatile
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     -- PostgREST turns SQLSTATE PGRST into exactly this status, body and headers; other callers
@@ -214,7 +214,7 @@ create or replace function sms.request_claims()
 returns jsonb
 language plpgsql
 stable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     return coalesce(nullif(pg_catalog.current_setting('request.jwt.claims', true), '')::jsonb, '{}'::jsonb);
@@ -226,7 +226,7 @@ create or replace function sms.caller_uid()
 returns uuid
 language plpgsql
 stable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     sub text := sms.request_claims() ->> 'sub';
@@ -243,7 +243,7 @@ create or replace function sms.caller_role()
 returns text
 language plpgsql
 stable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     return coalesce(sms.request_claims() ->> 'role', '');
@@ -255,7 +255,7 @@ create or replace function sms.client_ip()
 returns inet
 language plpgsql
 stable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     h jsonb;
@@ -285,7 +285,7 @@ create or replace function sms.normalize_phone(p_raw text)
 returns text
 language plpgsql
 immutable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     d text;
@@ -319,7 +319,7 @@ create or replace function sms.country_allowed(p_phone text, p_codes text[])
 returns boolean
 language plpgsql
 immutable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     cc text;
@@ -338,7 +338,7 @@ create or replace function sms.valid_purpose(p_purpose text)
 returns boolean
 language plpgsql
 immutable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     return coalesce(p_purpose ~ '^[a-z0-9][a-z0-9_.-]{0,31}$', false);
@@ -350,7 +350,7 @@ create or replace function sms.random_code(p_length integer)
 returns text
 language plpgsql
 volatile
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     modulus bigint := (10::bigint ^ p_length)::bigint;
@@ -375,7 +375,7 @@ create or replace function sms.code_hash(p_id uuid, p_code text)
 returns bytea
 language plpgsql
 stable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     h bytea;
@@ -394,7 +394,7 @@ returns boolean
 language plpgsql
 immutable
 strict
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     diff integer := length(a) # length(b);
@@ -411,7 +411,7 @@ create or replace function sms.enforce_send_limits(p_phone text, p_user_id uuid,
 returns void
 language plpgsql
 volatile
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     s sms.settings := sms.current_settings();
@@ -487,7 +487,7 @@ create or replace function sms.check_caller_allowed(s sms.settings)
 returns void
 language plpgsql
 stable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     -- Privileges already keep anon out; this also covers a role granted by hand.
@@ -502,7 +502,7 @@ create or replace function sms.parse_phone(p_phone text, s sms.settings)
 returns text
 language plpgsql
 stable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     normalized text := sms.normalize_phone(p_phone);
@@ -528,7 +528,7 @@ create or replace function sms.check_purpose(p_purpose text)
 returns void
 language plpgsql
 stable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     if not sms.valid_purpose(p_purpose) then
@@ -557,7 +557,7 @@ create or replace function sms.issue_code(
 returns jsonb
 language plpgsql
 volatile
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     s sms.settings := sms.current_settings();
@@ -608,7 +608,7 @@ returns jsonb
 language plpgsql
 volatile
 security definer
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     perform sms.check_caller_allowed(sms.current_settings());
@@ -626,7 +626,7 @@ create or replace function sms.check_code(p_phone text, p_code text, p_purpose t
 returns jsonb
 language plpgsql
 volatile
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     s sms.settings := sms.current_settings();
@@ -682,7 +682,7 @@ returns jsonb
 language plpgsql
 volatile
 security definer
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     perform sms.check_caller_allowed(sms.current_settings());
@@ -696,7 +696,7 @@ returns jsonb
 language plpgsql
 volatile
 security definer
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     issued jsonb;
@@ -725,7 +725,7 @@ returns jsonb
 language plpgsql
 volatile
 security definer
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     return sms.check_code(p_phone, p_code, 'default', null);
@@ -738,7 +738,7 @@ returns jsonb
 language plpgsql
 stable
 security definer
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     owner uuid;
@@ -768,7 +768,7 @@ comment on function sms.code_status(uuid) is 'supabase-aliyun-sms: delivery stat
 create or replace function sms.notify_outbox()
 returns trigger
 language plpgsql
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     -- An empty payload lets Postgres fold a transaction's notifications into one.
@@ -803,7 +803,7 @@ returns table (
 language plpgsql
 volatile
 security definer
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     m record;
@@ -887,7 +887,7 @@ returns text
 language plpgsql
 volatile
 security definer
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     mid uuid;
@@ -947,7 +947,7 @@ returns integer
 language plpgsql
 volatile
 security definer
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     released integer;
@@ -971,7 +971,7 @@ returns jsonb
 language plpgsql
 stable
 security definer
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     stats jsonb;
@@ -995,7 +995,7 @@ returns jsonb
 language plpgsql
 volatile
 security definer
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     -- The outbox is also the record the 24-hour limits count.
@@ -1024,7 +1024,7 @@ returns jsonb
 language plpgsql
 volatile
 security invoker
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     return sms.request_code(request_phone_code.phone, request_phone_code.purpose);
@@ -1037,7 +1037,7 @@ returns jsonb
 language plpgsql
 volatile
 security invoker
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     return sms.verify_code(verify_phone_code.phone, verify_phone_code.code, verify_phone_code.purpose);
@@ -1050,7 +1050,7 @@ returns jsonb
 language plpgsql
 stable
 security invoker
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     return sms.code_status(phone_code_status.request_id);
@@ -1093,7 +1093,7 @@ create or replace function sms.sync_anon_grants()
 returns trigger
 language plpgsql
 security definer
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     if new.allow_anon then

@@ -11,7 +11,7 @@ create or replace function sms.schema_version()
 returns text
 language sql
 immutable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$ select '20261121000002'::text $$;
 
 create or replace function sms.parse_auth_event(
@@ -25,7 +25,7 @@ create or replace function sms.parse_auth_event(
 )
 language plpgsql
 immutable
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     payload jsonb := p_event -> 'sms';
@@ -84,7 +84,7 @@ returns jsonb
 language plpgsql
 volatile
 security definer
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     s sms.settings := sms.current_settings();
@@ -171,7 +171,7 @@ returns jsonb
 language plpgsql
 stable
 security definer
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     return (
@@ -194,7 +194,7 @@ returns jsonb
 language plpgsql
 volatile
 security definer
-set search_path = ''
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     s sms.settings := sms.current_settings();

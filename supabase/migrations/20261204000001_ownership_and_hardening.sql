@@ -224,6 +224,23 @@ comment on function sms.owns_phone(uuid, text) is 'supabase-aliyun-sms: whether 
 
 drop function if exists sms.enforce_send_limits(text, uuid, inet);
 
+create or replace function sms.window_frees_at(p_sends timestamptz[], p_limit integer, p_window interval)
+returns timestamptz
+language sql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+    -- For an N-per-window limit, the N-th most recent send in the window decides when a slot frees;
+    -- a limit of 0 allows nothing for a whole window.
+    select case
+        when p_limit = 0 then now() + p_window
+        else (select s.t + p_window from unnest(p_sends) as s (t)
+              where s.t > now() - p_window order by s.t desc offset p_limit - 1 limit 1)
+    end
+    where p_limit is not null
+$$;
+comment on function sms.window_frees_at(timestamptz[], integer, interval) is 'supabase-aliyun-sms: when an N-per-window limit (NULL: none) next allows a send, given the send times; NULL when it allows one now.';
+
 create or replace function sms.enforce_send_limits(
     p_phone text,
     p_requester text,
@@ -238,9 +255,11 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     s sms.settings := sms.current_settings();
-    t timestamptz;
+    phone_sends timestamptz[];
+    others_sends timestamptz[];
+    own_last timestamptz;
     wait_until timestamptz;
-    hit text[] := '{}';
+    hit text[];
     seconds integer;
 begin
     -- Row locks on one row per phone, user and address, taken in one sorted statement (so two
@@ -262,85 +281,36 @@ begin
             );
     end;
 
-    if s.resend_cooldown_seconds is not null then
-        select max(o.created_at) into t from sms.outbox as o
-        where o.phone = p_phone and o.requester = p_requester;
-        if t + make_interval(secs => s.resend_cooldown_seconds) > now() then
-            wait_until := t + make_interval(secs => s.resend_cooldown_seconds);
-            hit := array_append(hit, 'resend_cooldown');
-        end if;
-    end if;
+    -- The phone's sends, read once for every per-phone limit (the cooldown may look further back).
+    select coalesce(array_agg(o.created_at), '{}'),
+           coalesce(array_agg(o.created_at) filter (where not o.by_owner), '{}'),
+           max(o.created_at) filter (where o.requester = p_requester)
+    into phone_sends, others_sends, own_last
+    from sms.outbox as o
+    where o.phone = p_phone
+      and o.created_at > now() - greatest(interval '24 hours', make_interval(secs => coalesce(s.resend_cooldown_seconds, 0)));
 
-    -- For an N-per-window limit, the N-th most recent send in the window decides when a slot frees.
-    if s.hourly_limit_per_phone is not null then
-        select o.created_at into t from sms.outbox as o
-        where o.phone = p_phone and o.created_at > now() - interval '1 hour'
-        order by o.created_at desc offset s.hourly_limit_per_phone - 1 limit 1;
-        if found then
-            wait_until := greatest(wait_until, t + interval '1 hour');
-            hit := array_append(hit, 'hourly_limit_per_phone');
-        end if;
-    end if;
-
-    if s.daily_limit_per_phone is not null then
-        select o.created_at into t from sms.outbox as o
-        where o.phone = p_phone and o.created_at > now() - interval '24 hours'
-        order by o.created_at desc offset s.daily_limit_per_phone - 1 limit 1;
-        if found then
-            wait_until := greatest(wait_until, t + interval '24 hours');
-            hit := array_append(hit, 'daily_limit_per_phone');
-        end if;
-    end if;
-
-    if not p_by_owner and s.others_hourly_limit_per_phone is not null then
-        if s.others_hourly_limit_per_phone = 0 then
-            wait_until := greatest(wait_until, now() + interval '1 hour');
-            hit := array_append(hit, 'others_hourly_limit_per_phone');
-        else
-            select o.created_at into t from sms.outbox as o
-            where o.phone = p_phone and not o.by_owner and o.created_at > now() - interval '1 hour'
-            order by o.created_at desc offset s.others_hourly_limit_per_phone - 1 limit 1;
-            if found then
-                wait_until := greatest(wait_until, t + interval '1 hour');
-                hit := array_append(hit, 'others_hourly_limit_per_phone');
-            end if;
-        end if;
-    end if;
-
-    if not p_by_owner and s.others_daily_limit_per_phone is not null then
-        if s.others_daily_limit_per_phone = 0 then
-            wait_until := greatest(wait_until, now() + interval '24 hours');
-            hit := array_append(hit, 'others_daily_limit_per_phone');
-        else
-            select o.created_at into t from sms.outbox as o
-            where o.phone = p_phone and not o.by_owner and o.created_at > now() - interval '24 hours'
-            order by o.created_at desc offset s.others_daily_limit_per_phone - 1 limit 1;
-            if found then
-                wait_until := greatest(wait_until, t + interval '24 hours');
-                hit := array_append(hit, 'others_daily_limit_per_phone');
-            end if;
-        end if;
-    end if;
-
-    if p_user_id is not null and s.hourly_limit_per_user is not null then
-        select o.created_at into t from sms.outbox as o
-        where o.user_id = p_user_id and o.created_at > now() - interval '1 hour'
-        order by o.created_at desc offset s.hourly_limit_per_user - 1 limit 1;
-        if found then
-            wait_until := greatest(wait_until, t + interval '1 hour');
-            hit := array_append(hit, 'hourly_limit_per_user');
-        end if;
-    end if;
-
-    if p_ip_key is not null and s.hourly_limit_per_ip is not null then
-        select o.created_at into t from sms.outbox as o
-        where o.ip_key = p_ip_key and o.created_at > now() - interval '1 hour'
-        order by o.created_at desc offset s.hourly_limit_per_ip - 1 limit 1;
-        if found then
-            wait_until := greatest(wait_until, t + interval '1 hour');
-            hit := array_append(hit, 'hourly_limit_per_ip');
-        end if;
-    end if;
+    select array_agg(l.name order by l.ord), max(l.frees_at) into hit, wait_until
+    from (values
+        (1, 'resend_cooldown', own_last + make_interval(secs => s.resend_cooldown_seconds)),
+        (2, 'hourly_limit_per_phone', sms.window_frees_at(phone_sends, s.hourly_limit_per_phone, interval '1 hour')),
+        (3, 'daily_limit_per_phone', sms.window_frees_at(phone_sends, s.daily_limit_per_phone, interval '24 hours')),
+        (4, 'others_hourly_limit_per_phone', case when not p_by_owner then
+            sms.window_frees_at(others_sends, s.others_hourly_limit_per_phone, interval '1 hour') end),
+        (5, 'others_daily_limit_per_phone', case when not p_by_owner then
+            sms.window_frees_at(others_sends, s.others_daily_limit_per_phone, interval '24 hours') end),
+        (6, 'hourly_limit_per_user', case when p_user_id is not null and s.hourly_limit_per_user is not null then
+            sms.window_frees_at(array(select o.created_at from sms.outbox as o
+                                      where o.user_id = p_user_id and o.created_at > now() - interval '1 hour'
+                                      order by o.created_at desc limit s.hourly_limit_per_user),
+                                s.hourly_limit_per_user, interval '1 hour') end),
+        (7, 'hourly_limit_per_ip', case when p_ip_key is not null and s.hourly_limit_per_ip is not null then
+            sms.window_frees_at(array(select o.created_at from sms.outbox as o
+                                      where o.ip_key = p_ip_key and o.created_at > now() - interval '1 hour'
+                                      order by o.created_at desc limit s.hourly_limit_per_ip),
+                                s.hourly_limit_per_ip, interval '1 hour') end)
+    ) as l (ord, name, frees_at)
+    where l.frees_at > now();
 
     if wait_until is not null then
         seconds := greatest(1, ceil(extract(epoch from wait_until - now())))::integer;
@@ -609,65 +579,6 @@ comment on function sms.code_status(uuid) is 'supabase-aliyun-sms: delivery stat
 -- Auth hook paths: GoTrue texts the number that signs in, so these sends are the owner's.
 ------------------------------------------------------------------------------------------------
 
-create or replace function sms.parse_auth_event(
-    p_event jsonb,
-    out phone text,
-    out otp text,
-    out purpose text,
-    out client_ip inet,
-    out event_id text,
-    out shape text
-)
-language plpgsql
-immutable
-set search_path = pg_catalog, pg_temp
-as $$
-declare
-    payload jsonb := p_event -> 'sms';
-begin
-    if jsonb_typeof(p_event) is distinct from 'object' then
-        perform sms.raise_api_error(400, 'invalid_hook_payload', 'the hook payload must be a JSON object');
-    end if;
-    if jsonb_typeof(payload) = 'object' then
-        otp := payload ->> 'otp';
-        -- sms.phone is the number to text (the new one on phone change, the factor's for MFA);
-        -- user.phone only for GoTrue before v2.180, which did not send sms.phone.
-        phone := coalesce(nullif(payload ->> 'phone', ''), nullif(p_event -> 'user' ->> 'phone', ''));
-        purpose := case when payload ->> 'sms_type' = 'mfa' then 'mfa' else 'default' end;
-        shape := case
-            when jsonb_typeof(p_event -> 'metadata') = 'object' then 'metadata'
-            when payload ? 'phone' then 'sms.phone'
-            else 'user+sms'
-        end;
-    elsif p_event ? 'otp' then
-        otp := p_event ->> 'otp';
-        phone := nullif(p_event ->> 'phone', '');
-        purpose := 'default';
-        shape := 'flat';
-    else
-        perform sms.raise_api_error(400, 'invalid_hook_payload', 'the hook payload has no sms object');
-    end if;
-    if otp is null or otp !~ '^[0-9]{4,10}$' then
-        perform sms.raise_api_error(400, 'invalid_hook_payload', 'sms.otp must be a string of 4 to 10 digits');
-    end if;
-    if phone is null then
-        perform sms.raise_api_error(400, 'invalid_hook_payload', 'the hook payload names no phone number');
-    end if;
-    -- GoTrue stores and sends E.164 digits without the +: 14155550123 is +1 415, never a bare
-    -- mainland number (the bare-number reading is for what people type into request_phone_code).
-    if phone ~ '^[0-9]+$' then
-        phone := '+' || phone;
-    end if;
-    event_id := nullif(p_event -> 'metadata' ->> 'uuid', '');
-    begin
-        client_ip := nullif(p_event -> 'metadata' ->> 'ip_address', '')::inet;
-    exception
-        when others then
-            client_ip := null;
-    end;
-end
-$$;
-
 create or replace function sms.hook_begin(
     p_event jsonb,
     p_body_sha256 text,
@@ -871,7 +782,8 @@ set search_path = pg_catalog, pg_temp
 as $$ select '20261204000001'::text $$;
 
 ------------------------------------------------------------------------------------------------
--- Every function of ours pins search_path = pg_catalog, pg_temp (also the ones not replaced here)
+-- Every function of ours pins search_path = pg_catalog, pg_temp: the earlier files say so now, but
+-- databases migrated before they did still hold their functions with search_path = ''.
 ------------------------------------------------------------------------------------------------
 
 do $$
@@ -896,7 +808,8 @@ $$;
 
 revoke all on function
     sms.ip_key(inet), sms.client_address(), sms.client_ip(), sms.caller_owner(), sms.caller_is_anonymous_user(),
-    sms.owns_phone(uuid, text), sms.enforce_send_limits(text, text, boolean, uuid, text),
+    sms.owns_phone(uuid, text), sms.window_frees_at(timestamptz[], integer, interval),
+    sms.enforce_send_limits(text, text, boolean, uuid, text),
     sms.issue_code(text, text, text, uuid, boolean, text, text, text, text), sms.check_code(text, text, text, text)
 from public, anon, authenticated, service_role;
 
