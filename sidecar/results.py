@@ -62,29 +62,22 @@ class ResultWriter:
     async def _flush(self) -> None:
         while self._waiting:
             batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
-            try:
-                statuses = await call(self._pool, "select sms.finish_deliveries(%(items)s)",
-                                      {"items": Jsonb([item.as_json() for item, _ in batch])}, timeout=5.0)  # fmt: skip
-            except Exception as exc:
-                if len(batch) == 1:
-                    _settle(batch[0][1], exc=exc)
-                else:  # one bad result must not fail the others: each alone
-                    self._waiting = [*((item, done) for item, done in batch), *self._waiting]
-                    await self._one_by_one(len(batch))
-                continue
-            for (_, done), status in zip(batch, statuses, strict=True):
-                _settle(done, str(status))
+            if not await self._write(batch) and len(batch) > 1:
+                for one in batch:  # one bad result must not fail the others: each alone
+                    await self._write([one])
 
-    async def _one_by_one(self, count: int) -> None:
-        for _ in range(count):
-            item, done = self._waiting.pop(0)
-            try:
-                (status,) = await call(self._pool, "select sms.finish_deliveries(%(items)s)",
-                                       {"items": Jsonb([item.as_json()])}, timeout=5.0)  # fmt: skip
-            except Exception as exc:
-                _settle(done, exc=exc)
-            else:
-                _settle(done, str(status))
+    async def _write(self, batch: list[tuple[Finished, asyncio.Future[str]]]) -> bool:
+        """One statement for the batch; settles its waiters, or (alone) hands it the error."""
+        try:
+            statuses = await call(self._pool, "select sms.finish_deliveries(%(items)s)",
+                                  {"items": Jsonb([item.as_json() for item, _ in batch])}, timeout=5.0)  # fmt: skip
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch[0][1], exc=exc)
+            return False
+        for (_, done), status in zip(batch, statuses, strict=True):
+            _settle(done, str(status))
+        return True
 
 
 def _settle(done: asyncio.Future[str], status: str | None = None, exc: BaseException | None = None) -> None:

@@ -18,15 +18,16 @@ import ssl
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
-from typing import Any
-
-import aiohttp
-from yarl import URL
+from typing import TYPE_CHECKING, Any
 
 from sidecar.config import AliyunConfig
 from sidecar.logs import silence_sdk_logger
 from sidecar.providers.base import Outcome, SendResult, Sms
 from sidecar.providers.errors import CONNECT_PHASE, Failure, ProviderError, describe_failure, provider_text
+
+if TYPE_CHECKING:
+    import aiohttp
+    from yarl import URL
 
 __all__ = ["AliyunProvider", "classify_business_error"]
 
@@ -138,6 +139,8 @@ class AliyunProvider:
         """The SDK's modules, and the process's one session (in the loop that will use it)."""
         if self._session is not None:
             return
+        import aiohttp  # here, not at import: the hook imports this module's error codes in console mode too
+
         self._load_sdk()
         tls: ssl.SSLContext | bool = ssl.create_default_context() if self.config.protocol == "https" else False
         trace = aiohttp.TraceConfig()
@@ -184,12 +187,16 @@ class AliyunProvider:
         prepared.headers["Authorization"] = sdk.Utils.get_authorization(
             prepared, _SIGNATURE, payload, self.config.access_key_id, self.config.access_key_secret
         )
+        from yarl import URL
+
         query = sdk.canonical_query(prepared.query)
         url = URL(f"{self.config.protocol}://{self.config.endpoint}/?{query}", encoded=True)
         return url, prepared.headers
 
     async def _call(self, action: str, request: Any, timeout: float) -> _Answer | SendResult:
         """One signed call within `timeout` seconds: the answer, or a SendResult saying why there is none."""
+        import aiohttp
+
         if self._session is None:
             await self.start()
         assert self._session is not None

@@ -93,10 +93,6 @@ class InFlight:
         self._all = asyncio.Semaphore(limit)
         self._worker = asyncio.Semaphore(self.worker_limit)
 
-    @property
-    def in_use(self) -> int:
-        return self.limit - self._all._value
-
     @asynccontextmanager
     async def hook(self) -> AsyncIterator[None]:
         if self._all.locked():
