@@ -28,16 +28,18 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 
 # Only what the wheel is built from (pyproject force-includes supabase/migrations as
-# sidecar/migrations; README.md is the package's readme), and the lock it is installed with.
-COPY requirements/runtime.txt ./requirements/runtime.txt
+# sidecar/migrations; README.md is the package's readme), and the locks it is built and installed with.
+COPY requirements/runtime.txt requirements/build.txt ./requirements/
 COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
 COPY supabase/migrations ./supabase/migrations
 
 # Dependencies exactly as locked (hash-checked; the lock includes the [grpc] extra, so the image
-# can also run `sms-sidecar grpc`), then the project's own wheel on top without re-resolving.
+# can also run `sms-sidecar grpc`), then the project's own wheel on top, built by the locked
+# backend (in the builder only), without re-resolving anything.
 RUN pip install --prefix /install --require-hashes -r requirements/runtime.txt \
- && pip wheel --no-deps --wheel-dir /wheels . \
+ && pip install --require-hashes -r requirements/build.txt \
+ && pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
  && pip install --no-index --no-deps --prefix /install /wheels/supabase_aliyun_sms-*.whl \
  && test -n "$(ls /install/lib/python3.11/site-packages/sidecar/migrations/*.sql)" \
  && test -f /install/lib/python3.11/site-packages/sidecar/standin.sql
