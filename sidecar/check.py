@@ -21,7 +21,7 @@ SIDECAR_FUNCTIONS = (
     "sms.claim_messages(text, integer, integer)",
     "sms.finish_delivery(bigint, text, text, text, text, text, text, integer, integer, integer)",
     "sms.finish_deliveries(jsonb)",
-    "sms.hook_begin(jsonb, text, text, integer)",
+    "sms.hook_begin_many(jsonb, text, integer)",
     "sms.queue_stats()",
     "sms.test_number_count()",
 )

@@ -27,8 +27,11 @@ class ApiError(Exception):
 
     @classmethod
     def from_pgrst(cls, exc: psycopg.Error) -> ApiError:
-        body = json.loads(exc.diag.message_primary or "{}")
-        meta = json.loads(exc.diag.message_detail or "{}")
+        return cls.from_parts(json.loads(exc.diag.message_primary or "{}"), json.loads(exc.diag.message_detail or "{}"))
+
+    @classmethod
+    def from_parts(cls, body: dict[str, Any], meta: dict[str, Any]) -> ApiError:
+        """From sms.raise_api_error's message (body) and detail (status and headers), as JSON."""
         retry = (meta.get("headers") or {}).get("Retry-After")
         return cls(int(meta.get("status", 400)), str(body.get("code", "")), str(body.get("message", "")),
                    int(retry) if retry else None)  # fmt: skip

@@ -14,11 +14,11 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -148,27 +148,21 @@ async def _deliver(rt: Runtime, event: Any, body_sha256: str, deadline: float) -
 
 
 async def _begin(rt: Runtime, event: Any, body_sha256: str, deadline: float) -> dict[str, Any]:
-    try:
-        result: dict[str, Any] = await _db(
-            rt,
-            "select sms.hook_begin(%(event)s, %(sha)s, %(worker)s, %(lease)s)",
-            {"event": Jsonb(event), "sha": body_sha256, "worker": rt.worker_id,
-             "lease": int(BUDGET_SECONDS) + 6},
-            deadline,
-        )  # fmt: skip
-    except ApiError as exc:
+    """sms.hook_begin, in a statement shared with the requests that begin meanwhile (sidecar/batches.py)."""
+    item = {"event": event, "body_sha256": body_sha256}
+    answer: dict[str, Any] = await _db(rt.begins.submit(item, deadline - time.monotonic()), deadline)
+    if answer["action"] == "refused":
+        exc = ApiError.from_parts(answer["error"], answer["meta"])
         reason = "rate_limited" if exc.status == 429 else exc.code or "invalid_payload"
-        raise _Failure(exc.status, exc.message, reason) from None
-    return result
+        raise _Failure(exc.status, exc.message, reason)
+    return answer
 
 
-async def _db(rt: Runtime, query: str, params: dict[str, Any], deadline: float) -> Any:
-    remaining = deadline - time.monotonic()
+async def _db(work: Awaitable[Any], deadline: float) -> Any:
+    """`work` (a statement) by the deadline; what keeps it from answering becomes the hook's failure."""
     try:
-        async with asyncio.timeout(remaining):  # no extra task per call, unlike wait_for
-            return await call(rt.pool, query, params, timeout=remaining)
-    except ApiError:
-        raise
+        async with asyncio.timeout(deadline - time.monotonic()):  # no extra task per call, unlike wait_for
+            return await work
     except psycopg.DataError:
         # SQLSTATE class 22: a value Postgres cannot hold (a NUL, a bad surrogate), not an outage.
         raise _Failure(400, "the hook payload holds a value that is not valid text", "invalid_payload") from None
@@ -220,7 +214,9 @@ async def _settle_duplicate(rt: Runtime, begin: dict[str, Any], deadline: float)
     state = begin
     while state["status"] == "sending" and time.monotonic() < deadline - 0.2:
         await asyncio.sleep(0.05)
-        state = await _db(rt, "select sms.message_state(%(id)s)", {"id": begin["message_id"]}, deadline)
+        query = call(rt.pool, "select sms.message_state(%(id)s)", {"id": begin["message_id"]},
+                     timeout=deadline - time.monotonic())  # fmt: skip
+        state = await _db(query, deadline)
     status, code, error = state["status"], state["provider_code"] or "", state["error"] or ""
     if status == "sent":
         return "duplicate"

@@ -11,13 +11,17 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from sidecar.batches import Batcher
 from sidecar.config import Config
 from sidecar.metrics import Metrics
 from sidecar.providers.base import InFlight, Provider
 from sidecar.results import ResultWriter
 from sidecar.webhook import WebhookVerifier
 
-__all__ = ["Runtime", "new_worker_id"]
+__all__ = ["HOOK_LEASE_SECONDS", "Runtime", "new_worker_id"]
+
+# How long a hook request holds its message: its 4-second budget (hook.BUDGET_SECONDS) and a margin.
+HOOK_LEASE_SECONDS = 10
 
 
 def new_worker_id() -> str:
@@ -36,6 +40,12 @@ class Runtime:
     # Sends under way, hook and worker together; set from config.max_in_flight by lifecycle.running.
     in_flight: InFlight = field(default_factory=lambda: InFlight(256))
     results: ResultWriter = field(init=False)  # delivery results, batched: see sidecar/results.py
+    begins: Batcher = field(init=False)  # the hook's sms.hook_begin calls, batched: see sidecar/hook.py
 
     def __post_init__(self) -> None:
         self.results = ResultWriter(self.pool)
+        # At most 16 to a statement: each holds two subtransactions, and PostgreSQL tracks only 64
+        # per transaction cheaply.
+        self.begins = Batcher(self.pool, "select sms.hook_begin_many(%(items)s, %(worker)s, %(lease)s)",
+                              max_batch=16, timeout=3.0,
+                              params={"worker": self.worker_id, "lease": HOOK_LEASE_SECONDS})  # fmt: skip

@@ -17,7 +17,7 @@ WRAPPERS = {
 # What each process calls, and nothing more: `serve` (hook and worker) and the gRPC drop-in. sms.purge
 # is the operator's (pg_cron as postgres).
 SIDECAR_FUNCTIONS = {
-    "schema_version", "claim_messages", "finish_delivery", "finish_deliveries", "release_messages", "hook_begin",
+    "schema_version", "claim_messages", "finish_delivery", "finish_deliveries", "release_messages", "hook_begin_many",
     "message_state", "queue_stats", "test_number_count",
 }  # fmt: skip
 GRPC_FUNCTIONS = {"grpc_send_code", "grpc_verify_code", "message_state", "schema_version"}

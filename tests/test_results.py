@@ -36,14 +36,14 @@ async def record(database: Database, items: list[Finished]) -> tuple[list[str | 
     statements = 0
     try:
         writer = ResultWriter(pool)
-        original = writer._pool.connection
+        original = writer._batcher._pool.connection
 
         def counting(*args: Any, **kwargs: Any) -> Any:
             nonlocal statements
             statements += 1
             return original(*args, **kwargs)
 
-        writer._pool.connection = counting  # type: ignore[method-assign]
+        writer._batcher._pool.connection = counting  # type: ignore[method-assign]
         results = await asyncio.gather(*(writer.finish(item, 10) for item in items), return_exceptions=True)
     finally:
         await pool.close()

@@ -92,7 +92,12 @@ def test_a_planted_pg_temp_type_never_runs_as_the_owner(attacker: Any, type_name
     headers = '{"x-forwarded-for": "198.51.100.7/24, ::ffff:198.51.100.7"}'
     phone = fresh_phone()
     calls: list[tuple[str, str, Any]] = [
-        ("sms_sidecar", "select sms.hook_begin(%s::pg_catalog.jsonb, 'x', 'w')", [hook_event(phone)]),
+        (
+            "sms_sidecar",
+            "select sms.hook_begin_many(pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object("
+            "'event', %s::pg_catalog.jsonb, 'body_sha256', 'x')), 'w')",
+            [hook_event(phone)],
+        ),
         ("sms_sidecar", "select * from sms.claim_messages('w', 5, 30)", None),
         ("sms_sidecar", "select sms.finish_delivery(-1, 'accepted')", None),
         ("sms_sidecar", """select sms.finish_deliveries('[{"delivery_id": -1, "outcome": "accepted"}]')""", None),
