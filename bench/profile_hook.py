@@ -1,7 +1,7 @@
 """Profile `sms-sidecar serve` under hook load with py-spy (for Findings).
 
     .venv/bin/pip install py-spy
-    .venv/bin/python bench/profile_hook.py [--connections 32] [--seconds 10] [--svg]
+    .venv/bin/python bench/profile_hook.py [--connections 32] [--seconds 10] [--latency 0] [--svg]
 
 Starts the same stack as bench/hook.py, drives it with wrk, and samples the serve process with
 `py-spy record --gil` (only the thread holding the GIL is sampled, so the shares are shares of the
@@ -41,6 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--latency", type=int, default=0, help="the fake's delay before each SendSms answer, ms")
     p.add_argument("--svg", action="store_true", help="also write a flame graph SVG")
     args = p.parse_args()
     c.check_wrk()
@@ -50,12 +51,13 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="bench-profile-")) / "serve.collapsed"
     with c.database() as db:
         fake = c.fake_aliyun()
-        server = c.sidecar(db, fake)
+        server = c.sidecar(db, fake, HTTP_MAX_CONNECTIONS="1024")
         files: list[c.HookRequests] = []
         try:
             server.start()
             files.append(warm := c.make_hook_requests(1500))
             rate = c.run_wrk(server.url + "/hooks/send-sms", warm, 8, 2).rps
+            fake.latency = args.latency / 1000
             files.append(requests := c.make_hook_requests(int(max(rate, 100) * 2 * args.seconds) + 1000))
             argv = [
                 str(spy),

@@ -49,7 +49,8 @@ class Batcher:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="sms-batch")
         # shield: a caller that stops waiting must not cancel the statement the others wait for.
-        return await asyncio.wait_for(asyncio.shield(done), timeout)
+        async with asyncio.timeout(timeout):  # no extra task per call, unlike wait_for
+            return await asyncio.shield(done)
 
     async def _flush(self) -> None:
         while self._waiting:

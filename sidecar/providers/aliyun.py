@@ -203,7 +203,8 @@ class AliyunProvider:
         attempt = _Attempt()
         try:
             url, headers = self._signed(action, request)
-            client_timeout = aiohttp.ClientTimeout(total=timeout, connect=min(CONNECT_TIMEOUT, timeout))
+            # The whole call's deadline is asyncio.timeout's; aiohttp only bounds the connect.
+            client_timeout = aiohttp.ClientTimeout(total=None, connect=min(CONNECT_TIMEOUT, timeout))
             async with asyncio.timeout(timeout):
                 async with self._session.post(url, headers=headers, timeout=client_timeout,
                                               trace_request_ctx=attempt) as response:  # fmt: skip
