@@ -53,14 +53,24 @@ LABEL org.opencontainers.image.title="supabase-aliyun-sms" \
       org.opencontainers.image.description="Supabase Auth Send SMS hook target and verification-code delivery through Alibaba Cloud SMS" \
       org.opencontainers.image.licenses="MIT"
 
-RUN groupadd --system --gid 10001 sidecar \
- && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
-        --shell /usr/sbin/nologin sidecar
+# The unprivileged user, uid/gid 10001: a regular account, since 10001 lies in the regular range
+# (UID_MIN 1000 to UID_MAX 60000) and `useradd --system` warns that it is above SYS_UID_MAX 999;
+# --no-log-init keeps it out of lastlog and faillog. Then the base image's pip, setuptools and wheel
+# go: nothing at run time uses them (the HEALTHCHECK below is stdlib Python). Their files stay in
+# the base image's layers, so this hides them rather than making the image smaller.
+RUN groupadd --gid 10001 sidecar \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --no-log-init \
+        --shell /usr/sbin/nologin sidecar \
+ && python -m pip uninstall --yes --no-input --disable-pip-version-check --root-user-action=ignore \
+        pip setuptools wheel
 
 COPY --from=builder /install /usr/local
 
-# Fail the build, not the first start, if the package or its bundled migrations are missing.
+# Fail the build, not the first start, if the package or its bundled migrations are missing, if a
+# lazily imported module (the Aliyun SDK, gRPC) does not import, or if an installer came back.
 RUN python -c "import sidecar.app, sidecar.cli; from sidecar.migrate import bundled; assert bundled(), 'no migrations'" \
+ && python -c "import alibabacloud_dysmsapi20170525.client, aiohttp, grpc, sidecar.grpc_api.server" \
+ && python -c "import importlib.util as u; left = [m for m in ('pip', 'setuptools', 'wheel', 'pkg_resources') if u.find_spec(m)]; assert not left, left" \
  && sms-sidecar --help > /dev/null
 
 ENV HOST=0.0.0.0 \

@@ -7,6 +7,7 @@ run against a local HTTP server.
 
 from __future__ import annotations
 
+import ast
 import base64
 import fnmatch
 import http.server
@@ -40,6 +41,9 @@ COMPOSE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 ENV_EXAMPLE = ROOT / ".env.example"
+READMES = (ROOT / "README.md", ROOT / "README.zh-CN.md")
+CI_RUN = ROOT / ".ci" / "run"
+CONTAINER_CHECK = ROOT / ".ci" / "container-check.sh"
 
 MIGRATE, SIDECAR = "sms-sidecar-migrate", "sms-sidecar"
 
@@ -285,6 +289,18 @@ def test_compose_has_the_migrate_and_sidecar_services(services: dict[str, Any]) 
 
 
 @pytest.mark.parametrize("name", [MIGRATE, SIDECAR])
+def test_compose_runs_both_services_hardened(services: dict[str, Any], name: str) -> None:
+    # .ci/container-check.sh runs the image with these same settings (its HARDEN) and checks them
+    # on the compose services; here they are pinned so a change shows up without a container run.
+    service = services[name]
+    assert service["read_only"] is True
+    assert service["tmpfs"] == ["/tmp"], "/tmp: the one writable place on the read-only root"
+    assert service["cap_drop"] == ["ALL"] and "cap_add" not in service
+    assert service["security_opt"] == ["no-new-privileges:true"]
+    assert "user" not in service and "privileged" not in service, "the image's USER 10001:10001 applies"
+
+
+@pytest.mark.parametrize("name", [MIGRATE, SIDECAR])
 def test_compose_commands_are_accepted_by_the_cli(services: dict[str, Any], name: str) -> None:
     args = build_parser().parse_args(services[name]["command"])  # argparse exits on anything unknown
     assert args.command == {MIGRATE: "migrate", SIDECAR: "serve"}[name]
@@ -477,6 +493,47 @@ def test_compose_healthcheck_is_stdlib_python(services: dict[str, Any]) -> None:
     assert services[MIGRATE].get("healthcheck") == {"disable": True}, "a one-shot job serves no /healthz"
 
 
+def _readme_auth_snippet(readme: Path) -> dict[str, Any]:
+    """The ```yaml block with the `auth:` lines a README tells operators to add."""
+    blocks = re.findall(r"```yaml\n(.*?)```", readme.read_text(encoding="utf-8"), re.DOTALL)
+    for block in blocks:
+        snippet = yaml.safe_load(textwrap.dedent(block))
+        if isinstance(snippet, dict) and "auth" in snippet:
+            return snippet["auth"]
+    raise AssertionError(f"{readme.name}: no yaml block with the auth service")
+
+
+@pytest.mark.parametrize("readme", READMES, ids=lambda path: path.name)
+def test_readme_auth_lines_match_compose(readme: Path) -> None:
+    # The default wiring depends on Docker's host-gateway: compose.yaml publishes the port on the
+    # host, and `auth` reaches it as host.docker.internal. CI's podman has no host-gateway.
+    documented, readme_auth = _auth_snippet(), _readme_auth_snippet(readme)
+    assert readme_auth["extra_hosts"] == documented["extra_hosts"] == ["host.docker.internal:host-gateway"]
+    for key in ("GOTRUE_HOOK_SEND_SMS_ENABLED", "GOTRUE_HOOK_SEND_SMS_URI", "GOTRUE_HOOK_SEND_SMS_SECRETS"):
+        assert readme_auth["environment"][key] == documented["environment"][key], key
+
+
+def test_migrate_is_a_one_shot_the_sidecar_waits_for(services: dict[str, Any]) -> None:
+    # service_completed_successfully waits for the container to exit: the migrate service must exit
+    # (a `migrate` command, never restarted) and exit 0 when it applied nothing new, since podman
+    # runs it a second time next to the sidecar (tests/test_migrate.py: a second run is a no-op).
+    migrate = services[MIGRATE]
+    assert migrate["command"] == ["migrate"] and migrate["restart"] == "no"
+    assert services[SIDECAR]["depends_on"] == {MIGRATE: {"condition": "service_completed_successfully"}}
+    assert "ports" not in migrate and "depends_on" not in migrate
+
+
+@pytest.mark.parametrize("path", [COMPOSE, *READMES], ids=lambda path: path.name)
+def test_docker_only_behaviour_is_documented(path: Path) -> None:
+    # What Docker users meet and CI's podman-compose does not: Compose v2, the exit-code gate on
+    # migrate, and host-gateway (Docker Engine >= 20.10 on Linux).
+    text = path.read_text(encoding="utf-8")
+    if path == COMPOSE:
+        text = "\n".join(line for line in text.splitlines() if line.lstrip().startswith("#"))
+    for needle in ("service_completed_successfully", "host-gateway", "20.10", "podman", "Compose v2"):
+        assert needle in text, f"{path.name} does not mention {needle}"
+
+
 # --------------------------------------------------------------------------------------------
 # Dockerfile and .dockerignore
 # --------------------------------------------------------------------------------------------
@@ -518,6 +575,62 @@ def test_final_stage_has_no_build_tools(final: Stage) -> None:
     for tool in ("gcc", "g++", "build-essential", "make ", "libpq-dev", "python3-dev"):
         assert tool not in runs, f"final stage installs {tool.strip()}"
     assert "pip wheel" not in runs
+
+
+def _commands(runs: list[str]) -> list[list[str]]:
+    """The simple commands of RUN lines, split on && (enough for this Dockerfile)."""
+    return [shlex.split(part) for run in runs for part in run.split("&&") if part.strip()]
+
+
+def test_final_stage_removes_the_installers(final: Stage) -> None:
+    # python:3.11-slim ships pip, setuptools and wheel in /usr/local; nothing at run time uses them.
+    commands = _commands(final.all("RUN"))
+    pip_uninstall = (["python", "-m", "pip", "uninstall"], ["pip", "uninstall"])
+    uninstall = next((i for i, c in enumerate(commands) if any(c[: len(p)] == p for p in pip_uninstall)), None)
+    assert uninstall is not None, "the final stage keeps pip, setuptools and wheel"
+    assert {"pip", "setuptools", "wheel"} <= set(commands[uninstall]), commands[uninstall]
+    assert {"--yes", "-y"} & set(commands[uninstall]), "pip uninstall would wait for an answer"
+    for command in commands[uninstall + 1 :]:
+        assert "pip" not in command[:3], f"pip is gone by then: {shlex.join(command)}"
+
+
+def test_runtime_user_is_10001_without_the_system_uid_warning(final: Stage) -> None:
+    commands = _commands(final.all("RUN"))
+    (useradd,) = (c for c in commands if c[0] == "useradd")
+    (groupadd,) = (c for c in commands if c[0] == "groupadd")
+    # 10001 is above SYS_UID_MAX (999): as a --system account useradd warns on every build.
+    for command in (useradd, groupadd):
+        assert not {"--system", "-r"} & set(command), shlex.join(command)
+    assert useradd[useradd.index("--uid") + 1] == useradd[useradd.index("--gid") + 1] == "10001"
+    assert groupadd[groupadd.index("--gid") + 1] == "10001"
+    assert useradd[-1] == groupadd[-1] == "sidecar"
+    assert "--no-log-init" in useradd, "lastlog/faillog entries for a high uid only bloat the image"
+    assert final.last("USER") == "10001:10001"
+
+
+def _python_c_imports(command: list[str]) -> set[str]:
+    assert command[0] == "python" and command[1] == "-c", command
+    modules: set[str] = set()
+    for node in ast.walk(ast.parse(command[2])):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            modules.add((node.module or "").split(".")[0])
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "__import__":
+            raise AssertionError("__import__ hides what the health check needs")
+    return modules
+
+
+@pytest.mark.parametrize("source", ["Dockerfile", "compose.yaml"])
+def test_healthchecks_need_only_the_standard_library(source: str, final: Stage, services: dict[str, Any]) -> None:
+    # The runtime stage has no pip (and no curl): the health checks run on python's stdlib alone.
+    if source == "Dockerfile":
+        healthcheck = final.last("HEALTHCHECK") or ""
+        command = exec_form(healthcheck[healthcheck.index("CMD") + len("CMD") :].strip())
+    else:
+        command = services[SIDECAR]["healthcheck"]["test"][1:]
+    modules = _python_c_imports(command)
+    assert modules and modules <= sys.stdlib_module_names, modules - sys.stdlib_module_names
 
 
 def test_final_stage_environment_and_entrypoint(final: Stage) -> None:
@@ -633,3 +746,39 @@ def test_wheel_bundles_migrations_and_standin(tmp_path: Path) -> None:
         assert archive.read("sidecar/standin.sql") == (ROOT / "sidecar" / "standin.sql").read_bytes()
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         assert "sms-sidecar = sidecar.cli:main" in archive.read(entry_points).decode()
+
+
+# --------------------------------------------------------------------------------------------
+# CI: the image and compose.yaml are built and run on every submission
+# --------------------------------------------------------------------------------------------
+
+
+def test_ci_runs_the_container_check_after_the_tests() -> None:
+    lines = [line.strip() for line in CI_RUN.read_text(encoding="utf-8").splitlines()]
+    code = [line for line in lines if line and not line.startswith("#")]
+    tests_at = next(i for i, line in enumerate(code) if line.startswith('eval "$test_command"'))
+    (check_at,) = (i for i, line in enumerate(code) if line.startswith("bash .ci/container-check.sh"))
+    assert check_at > tests_at, "the container check runs after the test suite"
+    assert shlex.split(code[check_at]) == ["bash", ".ci/container-check.sh", "--compose"], code[check_at]
+    assert "set -euo pipefail" in code, "a failing check fails CI"
+    assert CONTAINER_CHECK.exists() and os.access(CONTAINER_CHECK, os.X_OK)
+
+
+def test_container_check_builds_the_dockerfile_unchanged() -> None:
+    script = CONTAINER_CHECK.read_text(encoding="utf-8")
+    build = re.search(r"pm build [^\n]*-f \"\$SRC/Dockerfile\"", script)
+    assert build, "the check builds the project's own Dockerfile"
+    assert not re.search(r"(sed|awk|perl)[^\n]*\$SRC/Dockerfile", script), "the Dockerfile is used as it is"
+    assert "--require-hashes" in script and "podman-compose.txt" in script
+
+
+def test_podman_compose_pins_follow_the_lock() -> None:
+    def pins(path: Path) -> dict[str, str]:
+        text = path.read_text(encoding="utf-8").replace("\\\n", " ")
+        return {m[1]: m[0] for m in re.finditer(r"^([a-z0-9-]+)==\S+(?:\s+--hash=\S+)*", text, re.MULTILINE)}
+
+    ci, dev = pins(ROOT / ".ci" / "podman-compose.txt"), pins(ROOT / "requirements" / "dev.txt")
+    assert "podman-compose" in ci
+    for name, entry in ci.items():
+        if name != "podman-compose":
+            assert entry == dev.get(name), f".ci/podman-compose.txt: {name} differs from requirements/dev.txt"
