@@ -16,6 +16,8 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from sidecar.errors import SidecarError
+
 __all__ = [
     "Migration", "MigrationError", "applied_versions", "bundled", "enable_sidecar_login", "migrate", "pending",
 ]  # fmt: skip
@@ -25,8 +27,11 @@ _NAME = re.compile(r"^(?P<version>[0-9]{14})_(?P<name>.+)\.sql$")
 _LOCK_KEY = 0x736D735F6D6967  # "sms_mig"
 
 
-class MigrationError(RuntimeError):
+class MigrationError(SidecarError, RuntimeError):
     """A migration failed; the message names the file, the line and the server's error."""
+
+    def line(self, command: str) -> str:
+        return f"sms-sidecar {command}: {'' if command == 'migrate' else 'migration '}failed in {self}"
 
 
 @dataclass(frozen=True)
