@@ -39,7 +39,8 @@ from psycopg.types.json import Jsonb
 from sidecar.db import call, create_pool
 from sidecar.logs import JsonFormatter
 from sidecar.metrics import Metrics
-from sidecar.providers.base import SendResult, Sms
+from sidecar.outcomes import SendResult
+from sidecar.providers.base import Sms
 from sidecar.webhook import WebhookVerifier, parse_secrets
 
 CONCURRENT = 32  # sends gathered at once, each on a connection of the session's pool

@@ -20,6 +20,8 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from sidecar.errors import SidecarError
+
 __all__ = [
     "Migration", "MigrationError", "applied_versions", "bundled", "enable_sidecar_login", "migrate", "pending",
 ]  # fmt: skip
@@ -33,8 +35,11 @@ _PRE_RELEASE = frozenset({
 _LOCK_KEY = 0x736D735F6D6967  # "sms_mig"
 
 
-class MigrationError(RuntimeError):
+class MigrationError(SidecarError, RuntimeError):
     """A migration failed; the message names the file, the line and the server's error."""
+
+    def line(self, command: str) -> str:
+        return f"sms-sidecar {command}: {'' if command == 'migrate' else 'migration '}failed in {self}"
 
 
 @dataclass(frozen=True)
