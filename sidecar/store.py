@@ -111,7 +111,7 @@ class _Outgoing:
 
 @dataclass(frozen=True)
 class HookSend(_Outgoing):
-    """sms.hook_begin's "send": the hook's event leased to this request."""
+    """sms.hook_begin_many's "send": the hook's event leased to this request."""
 
     shape: str
 
@@ -155,7 +155,7 @@ class MessageState:
 
 @dataclass(frozen=True)
 class Duplicate:
-    """sms.hook_begin's "duplicate": the event was seen before; its message's state then."""
+    """sms.hook_begin_many's "duplicate": the event was seen before; its message's state then."""
 
     message_id: str
     state: MessageState
@@ -246,7 +246,7 @@ class Store:
     # The hook.
 
     async def begin_hook(self, item: dict[str, Any], timeout: float) -> HookSend | Duplicate:
-        """sms.hook_begin, in a statement shared with the requests that begin meanwhile (sidecar/batches.py).
+        """sms.hook_begin_many, in a statement shared with the requests that begin meanwhile (sidecar/batches.py).
         Raises ApiError when the SQL core refuses the event (a bad number, a limit)."""
         with _answered():
             answer: dict[str, Any] = await self._begins.submit(item, timeout)

@@ -1,4 +1,4 @@
-"""Delivery results recorded several to a statement (sidecar/results.py, sms.finish_deliveries)."""
+"""Delivery results recorded several to a statement (sidecar/store.py ResultWriter, sms.finish_deliveries)."""
 
 from __future__ import annotations
 
