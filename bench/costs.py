@@ -39,7 +39,8 @@ from psycopg.types.json import Jsonb
 from sidecar.db import call, create_pool
 from sidecar.logs import JsonFormatter
 from sidecar.metrics import Metrics
-from sidecar.providers.base import SendResult, Sms
+from sidecar.outcomes import SendResult
+from sidecar.providers.base import Sms
 from sidecar.webhook import WebhookVerifier, parse_secrets
 
 CONCURRENT = 32  # sends gathered at once, each on a connection of the session's pool
@@ -177,7 +178,7 @@ def section_a(db: c.BenchDatabase, fake: c.FakeAliyun, n: int) -> list[list[str]
             ev, raw, _ = event()
             begin = await call(
                 pool,
-                "select sms.hook_begin(%(event)s, %(sha)s, %(worker)s, %(lease)s)",
+                "select sms._begin_hook_message(%(event)s, %(sha)s, 'auth_hook', %(worker)s, %(lease)s)",
                 {
                     "event": Jsonb(ev),
                     "sha": __import__("hashlib").sha256(raw).hexdigest(),
@@ -229,7 +230,7 @@ def section_b(db: c.BenchDatabase, n: int) -> tuple[list[list[str]], dict[str, l
     db.execute(
         "insert into sms.codes (id, phone, purpose, owner, user_id, code_hash, expires_at)"
         " select s.id, '8613' || lpad(s.g::text, 9, '0'), 'default', 'user:' || s.uid, s.uid,"
-        " sms.code_hash(s.id, lpad((s.g * 7919 %% 1000000)::text, 6, '0')), now() + interval '1 day'"
+        " sms._hash_code(s.id, lpad((s.g * 7919 %% 1000000)::text, 6, '0')), now() + interval '1 day'"
         " from (select g, gen_random_uuid() as id, md5('u' || g)::uuid as uid from generate_series(1, %s) as g) as s",
         [n],
         superuser=True,
@@ -269,7 +270,8 @@ def section_b_hook(db: c.BenchDatabase, n: int) -> list[list[str]]:
         for _ in range(n):
             ev, raw, _ = event()
             begin = conn.execute(
-                "select sms.hook_begin(%s, %s, 'bench', 10)", [Jsonb(ev), __import__("hashlib").sha256(raw).hexdigest()]
+                "select sms._begin_hook_message(%s, %s, 'auth_hook', 'bench', 10)",
+                [Jsonb(ev), __import__("hashlib").sha256(raw).hexdigest()],
             ).fetchone()[0]  # type: ignore[index]
             conn.execute(
                 "select sms.finish_delivery(%s, 'accepted', 'aliyun', 'OK', 'OK', '1^0', 'r', 3, 0, 1)",

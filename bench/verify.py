@@ -56,7 +56,7 @@ def seed_codes(db: c.BenchDatabase, phones: int) -> None:
     db.execute(
         "insert into sms.codes (id, phone, purpose, owner, user_id, code_hash, expires_at)"
         " select s.id, '8613' || lpad(s.g::text, 9, '0'), 'default', 'user:' || s.uid, s.uid,"
-        "        sms.code_hash(s.id, lpad((s.g * 7919 %% 1000000)::text, 6, '0')), now() + interval '1 day'"
+        "        sms._hash_code(s.id, lpad((s.g * 7919 %% 1000000)::text, 6, '0')), now() + interval '1 day'"
         " from (select g, gen_random_uuid() as id, md5('u' || g)::uuid as uid from generate_series(1, %s) as g) as s",
         [phones],
         superuser=True,

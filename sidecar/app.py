@@ -14,12 +14,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sidecar.config import Config
-from sidecar.db import call
+from sidecar.errors import failure_name
 from sidecar.hook import send_sms_hook
-from sidecar.lifecycle import running
-from sidecar.migrate import bundled
+from sidecar.lifecycle import ServiceFactory, running
 from sidecar.providers import Provider
 from sidecar.runtime import Runtime
+from sidecar.store import required_schema_version, schema_is_current
 
 __all__ = ["create_app", "from_environment"]
 
@@ -32,12 +32,12 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     rt: Runtime = request.app.state.runtime
-    needed = bundled()[-1].version
+    needed = required_schema_version()
     try:
-        have = await call(rt.pool, "select sms.schema_version()", {}, timeout=2.0)
+        have = await rt.store.schema_version(timeout=2.0)
     except Exception as exc:  # any failure to answer is "not ready", with the reason
-        return JSONResponse({"status": "unavailable", "reason": f"database: {type(exc).__name__}"}, status_code=503)
-    if str(have) < needed:
+        return JSONResponse({"status": "unavailable", "reason": f"database: {failure_name(exc)}"}, status_code=503)
+    if not schema_is_current(have):
         return JSONResponse(
             {"status": "unavailable", "reason": f"migrations pending: database at {have}, sidecar needs {needed}"},
             status_code=503,
@@ -50,12 +50,21 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+def _services(config: Config) -> list[ServiceFactory]:
+    """The gRPC server too when GRPC_PORT is set."""
+    if config.grpc.port is None:
+        return []
+    from sidecar.grpc_api.server import grpc_service  # the [grpc] extra: imported only when configured
+
+    return [grpc_service(config.host, config.grpc.port)]
+
+
 def create_app(config: Config, provider: Provider | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if not config.hook_secrets:
             log.warning("SEND_SMS_HOOK_SECRETS is not set: the HTTP hook refuses every request")
-        async with running(config, provider, grpc_port=config.grpc.port) as rt:
+        async with running(config, provider, _services(config)) as rt:
             app.state.runtime = rt
             yield
 

@@ -7,24 +7,13 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import psycopg
 
 from sidecar.config import Config, ConfigError
-from sidecar.migrate import bundled
+from sidecar.store import Inspector, required_schema_version, schema_is_current
 
 __all__ = ["run_checks"]
-
-# What the sidecar calls; granted to sms_sidecar by the migrations.
-SIDECAR_FUNCTIONS = (
-    "sms.claim_messages(text, integer, integer)",
-    "sms.finish_delivery(bigint, text, text, text, text, text, text, integer, integer, integer)",
-    "sms.finish_deliveries(jsonb)",
-    "sms.hook_begin_many(jsonb, text, integer)",
-    "sms.queue_stats()",
-    "sms.test_number_count()",
-)
 
 
 @dataclass
@@ -68,35 +57,28 @@ def _database_checks(url: str) -> list[Result]:
                        "sms_sidecar may log in: alter role sms_sidecar with login password '...'")]  # fmt: skip
     with conn:
         results = [Result(True, "database", f"connected as {conn.info.user}")]
-        needed = bundled()[-1].version
-        row = conn.execute("select to_regprocedure('sms.schema_version()') is not null").fetchone()
-        have = conn.execute("select sms.schema_version()").fetchone()[0] if row and row[0] else None  # type: ignore[index]
-        if have is None or str(have) < needed:
+        database = Inspector(conn)
+        needed = required_schema_version()
+        have = database.schema_version()
+        if not schema_is_current(have):
             results.append(Result(False, "migrations", f"database at {have or 'nothing'}, sidecar needs {needed}: "
                                   "run `sms-sidecar migrate` with the postgres role's DATABASE_URL"))  # fmt: skip
             return results
         results.append(Result(True, "migrations", f"schema version {have}"))
-        missing = [
-            fn for fn in SIDECAR_FUNCTIONS
-            if not conn.execute("select has_function_privilege(current_user, %s, 'execute')", [fn]).fetchone()[0]  # type: ignore[index]
-        ]  # fmt: skip
+        missing = database.missing_grants()
         if missing:
             results.append(Result(False, "grants", f"{conn.info.user} cannot execute {', '.join(missing)}: connect "
                                   "as sms_sidecar (granted by the migrations)"))  # fmt: skip
         else:
-            superuser = conn.execute("select rolsuper or rolbypassrls from pg_roles where rolname = current_user")
-            broad = superuser.fetchone()[0]  # type: ignore[index]
             detail = "can claim, send and record messages"
-            if broad:
+            if database.bypasses_rls():
                 detail += f" (but {conn.info.user} is a superuser or bypasses RLS: prefer the sms_sidecar role)"
             results.append(Result(True, "grants", detail))
-            results.append(_test_numbers(conn))
+            results.append(_test_numbers(database.test_number_count()))
         return results
 
 
-def _test_numbers(conn: psycopg.Connection[Any]) -> Result:
-    row = conn.execute("select sms.test_number_count()").fetchone()
-    count = int(row[0]) if row else 0
+def _test_numbers(count: int) -> Result:
     if not count:
         return Result(True, "test numbers", "none in sms.settings.test_codes")
     # For Auth hook events GoTrue generates the OTP: the hook sends nothing to a test number, and

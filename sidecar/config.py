@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from sidecar.errors import SidecarError
 from sidecar.webhook import WebhookSecretError, parse_secrets
 
 __all__ = ["AliyunConfig", "Config", "ConfigError", "GrpcConfig", "WorkerConfig"]
@@ -63,8 +64,11 @@ def check_database_url(url: str) -> None:
         )
 
 
-class ConfigError(ValueError):
+class ConfigError(SidecarError, ValueError):
     """A setting is missing or malformed; the message names the variable."""
+
+    def line(self, command: str) -> str:
+        return f"sms-sidecar: {self}"  # a setting is no one command's: every command reads the same
 
 
 @dataclass(frozen=True)

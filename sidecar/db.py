@@ -31,7 +31,7 @@ class ApiError(Exception):
 
     @classmethod
     def from_parts(cls, body: dict[str, Any], meta: dict[str, Any]) -> ApiError:
-        """From sms.raise_api_error's message (body) and detail (status and headers), as JSON."""
+        """From sms._raise_api_error's message (body) and detail (status and headers), as JSON."""
         retry = (meta.get("headers") or {}).get("Retry-After")
         return cls(int(meta.get("status", 400)), str(body.get("code", "")), str(body.get("message", "")),
                    int(retry) if retry else None)  # fmt: skip

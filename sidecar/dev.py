@@ -12,7 +12,6 @@ import base64
 import os
 import secrets
 import signal
-import sys
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from types import FrameType
@@ -20,8 +19,10 @@ from types import FrameType
 import psycopg
 
 from sidecar.config import Config, ConfigError
-from sidecar.localpg import LocalCluster, PostgresNotFound
-from sidecar.migrate import MigrationError, migrate
+from sidecar.errors import CommandFailed
+from sidecar.localpg import LocalCluster
+from sidecar.migrate import migrate
+from sidecar.process import serve
 
 __all__ = ["run_dev"]
 
@@ -72,8 +73,7 @@ def run_dev(env: MutableMapping[str, str] | None = None) -> int:
 
 
 def _run_dev(env: MutableMapping[str, str] | None) -> int:
-    from sidecar.cli import serve
-
+    """Raises PostgresNotFound or MigrationError (the command line prints them)."""
     env = dict(os.environ if env is None else env)
     try:
         with _database(env) as (owner_url, sidecar_url):
@@ -86,16 +86,9 @@ def _run_dev(env: MutableMapping[str, str] | None) -> int:
             try:
                 config = Config.from_env(env)
             except ConfigError as exc:
-                print(f"sms-sidecar dev: {exc}", file=sys.stderr)
-                return 2
+                raise CommandFailed(f"sms-sidecar dev: {exc}", exit_code=2) from None
             secret = env["SEND_SMS_HOOK_SECRETS"]
             serve(config, on_started=lambda: _print_welcome(config, owner_url, secret))
-    except PostgresNotFound as exc:
-        print(f"sms-sidecar dev: {exc}", file=sys.stderr)
-        return 1
-    except MigrationError as exc:
-        print(f"sms-sidecar dev: migration failed in {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         pass
     print("Stopped; the throwaway database is gone.")

@@ -14,24 +14,25 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg_pool import PoolTimeout
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from sidecar.db import ApiError, call
+from sidecar.db import ApiError
+from sidecar.errors import DatabaseUnavailable, failure_name
 from sidecar.logs import mask_phone
-from sidecar.providers.aliyun import classify_business_error
-from sidecar.providers.base import Busy, Outcome, SendResult, Sms, user_message
-from sidecar.results import Finished
+from sidecar.outcomes import BUSY, DATABASE_UNAVAILABLE, NO_TIME_LEFT, Kind, Outcome, SendResult
+from sidecar.providers.base import Busy
 from sidecar.runtime import Runtime
+from sidecar.store import Duplicate, Finished, HookSend, MessageStatus
 from sidecar.webhook import WebhookVerificationError
 
-__all__ = ["BUDGET_SECONDS", "MAX_BODY_BYTES", "send_sms_hook"]
+__all__ = ["BUDGET_SECONDS", "HTTP_STATUS", "MAX_BODY_BYTES", "send_sms_hook", "user_message"]
 
 log = logging.getLogger("sidecar.hook")
 
@@ -41,6 +42,9 @@ MIN_RETRY_BUDGET = 1.2  # seconds left that make a second attempt after a connec
 # Without `metadata` the GoTrue version may ignore error objects, so the status itself must fail;
 # these two would be retried or misreported.
 _LEGACY_STATUS = {429: 403, 503: 502}
+# What GoTrue is told, by what went wrong (the status also picks the user's text).
+HTTP_STATUS = {Kind.BAD_NUMBER: 400, Kind.RATE_LIMITED: 429, Kind.PROVIDER_ERROR: 502, Kind.UNAVAILABLE: 503,
+               Kind.TIMEOUT: 504, Kind.NEEDS_OPERATOR: 500}  # fmt: skip
 
 
 @dataclass
@@ -128,66 +132,73 @@ async def send_sms_hook(request: Request) -> Response:
 async def _deliver(rt: Runtime, event: Any, body_sha256: str, deadline: float) -> str:
     """Returns the metrics outcome of a success; raises _Failure otherwise."""
     begin = await _begin(rt, event, body_sha256, deadline)
-    if begin["action"] == "duplicate":
+    if isinstance(begin, Duplicate):
         return await _settle_duplicate(rt, begin, deadline)
 
     while True:
         result, latency_ms = await _send(rt, begin, deadline)
         remaining = deadline - time.monotonic()
-        retry_now = result.connect_failure and begin["attempt"] == 1 and remaining > MIN_RETRY_BUDGET
-        await _finish(rt, begin["delivery_id"], result, latency_ms, max_attempts=2 if retry_now else 1,
+        retry_now = result.connect_failure and begin.attempt == 1 and remaining > MIN_RETRY_BUDGET
+        await _finish(rt, begin.delivery_id, result, latency_ms, max_attempts=2 if retry_now else 1,
                       deadline=deadline)  # fmt: skip
         _log_result(rt, begin, result, latency_ms)
         if result.accepted:
             return "sent"
         if not retry_now:
-            raise _Failure(result.status, user_message(result), "provider_error")
+            raise _failure(result, "provider_error")
         # Nothing reached the provider, so the same message can go again (hook_begin re-leases it).
         begin = await _begin(rt, event, body_sha256, deadline)
-        if begin["action"] != "send":
+        if isinstance(begin, Duplicate):
             return await _settle_duplicate(rt, begin, deadline)
 
 
-async def _begin(rt: Runtime, event: Any, body_sha256: str, deadline: float) -> dict[str, Any]:
-    """sms.hook_begin, in a statement shared with the requests that begin meanwhile (sidecar/batches.py)."""
+def _failure(result: SendResult, reason: str) -> _Failure:
+    return _Failure(_http_status(result.kind), user_message(result), reason)
+
+
+def _http_status(kind: Kind | None) -> int:
+    return 500 if kind is None else HTTP_STATUS[kind]
+
+
+_DATABASE_DOWN = SendResult(Outcome.RETRY, DATABASE_UNAVAILABLE, kind=Kind.UNAVAILABLE)
+
+
+async def _begin(rt: Runtime, event: Any, body_sha256: str, deadline: float) -> HookSend | Duplicate:
     item = {"event": event, "body_sha256": body_sha256}
-    answer: dict[str, Any] = await _db(rt.begins.submit(item, deadline - time.monotonic()), deadline)
-    if answer["action"] == "refused":
-        exc = ApiError.from_parts(answer["error"], answer["meta"])
-        reason = "rate_limited" if exc.status == 429 else exc.code or "invalid_payload"
-        raise _Failure(exc.status, exc.message, reason)
-    return answer
-
-
-async def _db(work: Awaitable[Any], deadline: float) -> Any:
-    """`work` (a statement) by the deadline; what keeps it from answering becomes the hook's failure."""
     try:
-        async with asyncio.timeout(deadline - time.monotonic()):  # no extra task per call, unlike wait_for
-            return await work
+        with _database_failures():
+            return await rt.store.begin_hook(item, deadline - time.monotonic())
+    except ApiError as exc:
+        reason = "rate_limited" if exc.status == 429 else exc.code or "invalid_payload"
+        raise _Failure(exc.status, exc.message, reason) from None
+
+
+@contextmanager
+def _database_failures() -> Iterator[None]:
+    """What keeps the database from answering becomes the hook's failure."""
+    try:
+        yield
     except psycopg.DataError:
         # SQLSTATE class 22: a value Postgres cannot hold (a NUL, a bad surrogate), not an outage.
         raise _Failure(400, "the hook payload holds a value that is not valid text", "invalid_payload") from None
-    except (TimeoutError, PoolTimeout, psycopg.Error) as exc:
-        log.error("database unavailable for the hook", extra={"error": type(exc).__name__})
-        raise _Failure(503, user_message(SendResult(Outcome.RETRY, "DatabaseUnavailable", status=503)),
-                       "database") from None  # fmt: skip
+    except (DatabaseUnavailable, psycopg.Error) as exc:
+        log.error("database unavailable for the hook", extra={"error": failure_name(exc)})
+        raise _failure(_DATABASE_DOWN, "database") from None
 
 
-async def _send(rt: Runtime, begin: dict[str, Any], deadline: float) -> tuple[SendResult, int]:
-    sms = Sms(phone=begin["phone"], code=begin["code"], out_id=str(begin["delivery_id"]),
-              sign_name=begin["sign_name"], template_code=begin["template_code"])  # fmt: skip
+async def _send(rt: Runtime, begin: HookSend, deadline: float) -> tuple[SendResult, int]:
     # Leave time to record the result and answer; the provider abandons the call at its deadline.
     remaining = deadline - time.monotonic() - 0.3
     if remaining < 0.2:
-        return SendResult(Outcome.RETRY, "NoTimeLeft", "hook budget spent before sending", status=503,
+        return SendResult(Outcome.RETRY, NO_TIME_LEFT, "hook budget spent before sending", kind=Kind.UNAVAILABLE,
                           connect_failure=True), 0  # fmt: skip
     started = time.monotonic()
     try:
         async with rt.in_flight.hook():
-            result = await rt.provider.send(sms, remaining)
+            result = await rt.provider.send(begin.sms(), remaining)
     except Busy:
         # Every send slot is taken: say so now rather than wait out GoTrue's budget in a queue.
-        result = SendResult(Outcome.RETRY, "Busy", "too many SMS in flight in this sidecar", status=503,
+        result = SendResult(Outcome.RETRY, BUSY, "too many SMS in flight in this sidecar", kind=Kind.UNAVAILABLE,
                             connect_failure=True)  # fmt: skip
     elapsed = time.monotonic() - started
     rt.metrics.provider_latency.labels(rt.provider.name).observe(elapsed)
@@ -201,45 +212,34 @@ async def _finish(
     # Recording must not be skipped because the budget ran low: give it a little extra time.
     item = Finished(delivery_id, result, rt.provider.name, latency_ms, retry_in_seconds=0, max_attempts=max_attempts)
     try:
-        await rt.results.finish(item, timeout=max(deadline - time.monotonic(), 1.0))
-    except (TimeoutError, PoolTimeout, psycopg.Error, OSError) as exc:
-        log.error("could not record a delivery result", extra={"delivery_id": delivery_id, "error": type(exc).__name__})
+        await rt.store.finish(item, timeout=max(deadline - time.monotonic(), 1.0))
+    except (DatabaseUnavailable, psycopg.Error) as exc:
+        log.error("could not record a delivery result", extra={"delivery_id": delivery_id, "error": failure_name(exc)})
         if result.accepted:
             return  # the SMS did go out; the user must not be told otherwise
-        raise _Failure(503, user_message(SendResult(Outcome.RETRY, "DatabaseUnavailable", status=503)),
-                       "database") from None  # fmt: skip
+        raise _failure(_DATABASE_DOWN, "database") from None
 
 
-async def _settle_duplicate(rt: Runtime, begin: dict[str, Any], deadline: float) -> str:
+async def _settle_duplicate(rt: Runtime, begin: Duplicate, deadline: float) -> str:
     """The same event again: answer with the first delivery's outcome, never send twice."""
-    state = begin
-    while state["status"] == "sending" and time.monotonic() < deadline - 0.2:
-        await asyncio.sleep(0.05)
-        query = call(rt.pool, "select sms.message_state(%(id)s)", {"id": begin["message_id"]},
-                     timeout=deadline - time.monotonic())  # fmt: skip
-        state = await _db(query, deadline)
-    status, code, error = state["status"], state["provider_code"] or "", state["error"] or ""
-    if status == "sent":
+    with _database_failures():
+        # Looks again until deadline - 0.2 s, the last look answering by the deadline.
+        state = await rt.store.wait_for_state(begin.message_id, lambda s: s.status != MessageStatus.SENDING,
+                                              until=deadline - 0.15, deadline=deadline, poll=0.05,
+                                              known=begin.state, max_timeout=BUDGET_SECONDS)  # fmt: skip
+    if state.status == MessageStatus.SENT:
         return "duplicate"
-    if status == "sending":
-        raise _Failure(504, user_message(SendResult(Outcome.AMBIGUOUS, code, status=504)), "duplicate_in_flight")
-    failed = _status_for(code, error)
-    raise _Failure(failed.status, user_message(failed), "duplicate_failed")
+    if state.status == MessageStatus.SENDING:
+        raise _failure(SendResult(Outcome.AMBIGUOUS, state.provider_code, kind=Kind.TIMEOUT), "duplicate_in_flight")
+    raise _failure(rt.provider.classify(state.provider_code, state.error), "duplicate_failed")
 
 
-def _status_for(code: str, message: str) -> SendResult:
-    if code.startswith(("isv.", "isp.")):
-        return classify_business_error(code, message)
-    status = {"NoResponse": 504, "ConnectFailed": 503, "BadGateway": 502, "EXPIRED": 504}.get(code, 500)
-    return SendResult(Outcome.REJECTED, code, message, status=status)
-
-
-def _log_result(rt: Runtime, begin: dict[str, Any], result: SendResult, latency_ms: int) -> None:
+def _log_result(rt: Runtime, begin: HookSend, result: SendResult, latency_ms: int) -> None:
     fields = {
-        "phone": mask_phone(begin["phone"]),
-        "delivery_id": begin["delivery_id"],
-        "shape": begin["shape"],
-        "purpose": begin["purpose"],
+        "phone": mask_phone(begin.phone),
+        "delivery_id": begin.delivery_id,
+        "shape": begin.shape,
+        "purpose": begin.purpose,
         "provider": rt.provider.name,
         "provider_code": result.code,
         "biz_id": result.biz_id,
@@ -252,3 +252,32 @@ def _log_result(rt: Runtime, begin: dict[str, Any], result: SendResult, latency_
         log.critical("hook SMS refused: operator action needed: %s", result.message, extra=fields)
     else:
         log.warning("hook SMS not sent", extra={**fields, "provider_message": result.message})
+
+
+def user_message(result: SendResult) -> str:
+    """Short text for the end user, in English and Chinese, by what went wrong."""
+    if result.kind is Kind.RATE_LIMITED:
+        wait = result.retry_after or 60
+        return (
+            f"Too many codes sent to this number, try again in {_human(wait)}. "
+            f"该号码验证码发送过于频繁，请{_human(wait, _ZH)}后再试。"
+        )
+    if result.kind is Kind.BAD_NUMBER:
+        return "This phone number cannot receive SMS codes. 该手机号码无法接收短信验证码。"
+    if result.kind is Kind.TIMEOUT:
+        return "The SMS service did not answer in time, please try again. 短信服务响应超时，请重试。"
+    if result.kind in (Kind.PROVIDER_ERROR, Kind.UNAVAILABLE):
+        return "The SMS service is temporarily unavailable, please try again. 短信服务暂时不可用，请稍后重试。"
+    return "SMS sending is not available right now. 短信服务暂不可用，请稍后再试。"
+
+
+_EN, _ZH = ("{} h", "{} min", "{} s"), (" {} 小时", " {} 分钟", " {} 秒")
+
+
+def _human(seconds: int, units: tuple[str, str, str] = _EN) -> str:
+    """`seconds` rounded up to hours or minutes, in `units` (hours, minutes, seconds)."""
+    if seconds >= 3600:
+        return units[0].format(-(-seconds // 3600))
+    if seconds >= 60:
+        return units[1].format(-(-seconds // 60))
+    return units[2].format(seconds)

@@ -1,11 +1,14 @@
-"""What every sidecar process starts and stops, in order: pool, provider, gRPC, delivery worker."""
+"""What every sidecar process holds while it runs, started and stopped in order: pool, provider, the
+services it was given (the gRPC server), delivery worker. Which services a command runs is
+sidecar/process.py's to say."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 from sidecar.config import Config
 from sidecar.db import create_pool
@@ -14,14 +17,28 @@ from sidecar.runtime import Runtime
 from sidecar.webhook import WebhookVerifier
 from sidecar.worker import DeliveryWorker
 
-__all__ = ["running"]
+__all__ = ["Service", "ServiceFactory", "running"]
 
 log = logging.getLogger("sidecar")
 
 
+class Service(Protocol):
+    """Runs beside the hook and the worker; named in the start-up log by its address."""
+
+    name: str
+    address: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+ServiceFactory = Callable[[Runtime], Service]
+
+
 @asynccontextmanager
 async def running(
-    config: Config, provider: Provider | None = None, grpc_port: int | None = None
+    config: Config, provider: Provider | None = None, services: Sequence[ServiceFactory] = ()
 ) -> AsyncIterator[Runtime]:
     rt = Runtime(
         config=config,
@@ -33,23 +50,21 @@ async def running(
     # Not waiting: the database may come up after us; /readyz and gRPC health say so meanwhile.
     await rt.pool.open(wait=False)
     await rt.provider.start()
-    grpc_server = None
+    started: list[Service] = []
     stop = asyncio.Event()
     worker_task = None
     try:
-        if grpc_port is not None:
-            from sidecar.grpc_api.server import GrpcServer  # the [grpc] extra: imported only when configured
-
-            grpc_server = GrpcServer(rt, config.host, grpc_port)
-            await grpc_server.start()
+        for make in services:
+            started.append(service := make(rt))  # stopped even if its start fails half-way
+            await service.start()
         if config.worker.enabled:
             worker_task = asyncio.create_task(DeliveryWorker(rt, config.worker).run(stop), name="sms-delivery-worker")
         extra = {"provider": rt.provider.name, "worker": rt.worker_id}
-        log.info("sidecar started", extra=extra | ({"grpc": grpc_server.address} if grpc_server else {}))
+        log.info("sidecar started", extra=extra | {s.name: s.address for s in started})
         yield rt
     finally:
-        if grpc_server is not None:
-            await grpc_server.stop()  # before the worker: calls in flight wait for their delivery
+        for service in reversed(started):
+            await service.stop()  # before the worker: gRPC calls in flight wait for their delivery
         stop.set()
         if worker_task is not None:
             await worker_task

@@ -16,12 +16,14 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sidecar.errors import SidecarError
+
 __all__ = ["LocalCluster", "PostgresNotFound", "find_bindir"]
 
 SUPERUSER = "supabase_admin"
 
 
-class PostgresNotFound(RuntimeError):
+class PostgresNotFound(SidecarError, RuntimeError):
     """No PostgreSQL server binaries were found."""
 
 

@@ -4,6 +4,10 @@ Applied versions are recorded in `sms.schema_migrations`, never in the Supabase 
 `supabase_migrations.schema_migrations`: a version there that is missing from a user's own
 `supabase/migrations/` folder makes their next `supabase db push` refuse to run. Versions the CLI
 already applied (users who copied our files into their folder) count as applied here.
+
+Before the first release the migrations were re-cut into one file per concern. A database that
+applied the pre-release files cannot take the new ones on top (helpers were renamed, fragments
+merged, one-off data fixes dropped), so `migrate` refuses it with what to do, and applies nothing.
 """
 
 from __future__ import annotations
@@ -16,17 +20,26 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from sidecar.errors import SidecarError
+
 __all__ = [
     "Migration", "MigrationError", "applied_versions", "bundled", "enable_sidecar_login", "migrate", "pending",
 ]  # fmt: skip
 
 _NAME = re.compile(r"^(?P<version>[0-9]{14})_(?P<name>.+)\.sql$")
+# The pre-release files, replaced by the 20261205 files: a database that recorded any of them must be re-created.
+_PRE_RELEASE = frozenset({
+    "20261121000001", "20261121000002", "20261204000001", "20261204000002", "20261204000003", "20261204000004",
+})  # fmt: skip
 # Any constant works as long as every sidecar uses the same one.
 _LOCK_KEY = 0x736D735F6D6967  # "sms_mig"
 
 
-class MigrationError(RuntimeError):
+class MigrationError(SidecarError, RuntimeError):
     """A migration failed; the message names the file, the line and the server's error."""
+
+    def line(self, command: str) -> str:
+        return f"sms-sidecar {command}: {'' if command == 'migrate' else 'migration '}failed in {self}"
 
 
 @dataclass(frozen=True)
@@ -83,12 +96,27 @@ def migrate(url: str, directory: Path | None = None) -> list[Migration]:
         # Two replicas starting together must not both apply the same file.
         conn.execute("select pg_advisory_lock(%s)", [_LOCK_KEY])
         try:
-            for migration in pending(conn, directory):
+            todo = pending(conn, directory)
+            stale = sorted(_PRE_RELEASE & applied_versions(conn))
+            if todo and stale:
+                raise MigrationError(f"{todo[0].path.name}: {_pre_release_advice(stale)}")
+            for migration in todo:
                 _apply(conn, migration)
                 applied.append(migration)
         finally:
             conn.execute("select pg_advisory_unlock(%s)", [_LOCK_KEY])
     return applied
+
+
+def _pre_release_advice(stale: list[str]) -> str:
+    return (
+        f"this database applied pre-release migrations ({', '.join(stale)}), which the first release re-cut"
+        " into new files that cannot apply on top of them; nothing was applied. Re-create the database"
+        " (`supabase db reset` locally), or, as postgres, remove this project's objects as README.md"
+        " 'Uninstalling' shows (drop the three public functions, drop schema sms cascade; if the Supabase CLI"
+        " applied the files, also delete those versions from supabase_migrations.schema_migrations)"
+        " and run `sms-sidecar migrate` again. Codes, outbox and ledger are lost."
+    )
 
 
 def enable_sidecar_login(url: str, password: str) -> None:

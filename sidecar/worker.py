@@ -13,18 +13,16 @@ import random
 import time
 import traceback
 from datetime import UTC, datetime
-from typing import Any
 
 import psycopg
-from psycopg_pool import PoolTimeout
 
 from sidecar.config import WorkerConfig
-from sidecar.db import call
+from sidecar.errors import DatabaseUnavailable, failure_name
 from sidecar.logs import mask_phone
-from sidecar.providers.base import Outcome, SendResult, Sms
+from sidecar.outcomes import RECONCILE_FAILED, SHUTDOWN_DURING_SEND, WORKER_ERROR, Kind, Outcome, SendResult
 from sidecar.providers.errors import describe_failure
-from sidecar.results import Finished
 from sidecar.runtime import Runtime
+from sidecar.store import ClaimedMessage, Finished, MessageStatus
 
 __all__ = ["DeliveryWorker"]
 
@@ -45,7 +43,8 @@ class DeliveryWorker:
         self.backoff_base = config.backoff_seconds
         self.backoff_cap = backoff_cap
         self.shutdown_grace = 12.0
-        self._in_flight: dict[asyncio.Task[None], dict[str, Any]] = {}
+        self._in_flight: dict[asyncio.Task[None], ClaimedMessage] = {}
+        self._started: set[int] = set()  # delivery ids whose send has begun: the provider may have them
         self._wake = asyncio.Event()
         self._gauges_at = 0.0
         self.listening = False
@@ -60,8 +59,8 @@ class DeliveryWorker:
                     if time.monotonic() - self._gauges_at >= self.sweep_seconds:
                         self._gauges_at = time.monotonic()
                         await self._update_gauges()
-                except (psycopg.Error, OSError, TimeoutError) as exc:
-                    log.warning("outbox unavailable, retrying", extra={"error": type(exc).__name__})
+                except (DatabaseUnavailable, psycopg.Error) as exc:
+                    log.warning("outbox unavailable, retrying", extra={"error": failure_name(exc)})
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=self.sweep_seconds)
                 except TimeoutError:
@@ -76,16 +75,12 @@ class DeliveryWorker:
         delay = 0.5
         while not stop.is_set():
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    self.rt.config.database_url, autocommit=True, application_name="sms-sidecar-listen"
-                ) as conn:
-                    await conn.execute("listen sms_outbox")
+                # The first wake-up is for anything queued while we were away, the others for NOTIFYs.
+                async for _ in self.rt.store.outbox_notifications():
                     self.listening, delay = True, 0.5
-                    self._wake.set()  # anything queued while we were away
-                    async for _ in conn.notifies():
-                        self._wake.set()
-            except (psycopg.Error, OSError) as exc:
-                log.warning("LISTEN connection lost", extra={"error": type(exc).__name__})
+                    self._wake.set()
+            except (DatabaseUnavailable, psycopg.Error) as exc:
+                log.warning("LISTEN connection lost", extra={"error": failure_name(exc)})
             finally:
                 self.listening = False
             await asyncio.sleep(delay)
@@ -98,7 +93,7 @@ class DeliveryWorker:
                 # Wait for a slot rather than claim messages nobody can start on.
                 await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
                 continue
-            claimed = await self._claim(free)
+            claimed = await self.rt.store.claim_messages(free, self.lease_seconds)
             for message in claimed:
                 task = asyncio.create_task(self._deliver(message))
                 self._in_flight[task] = message
@@ -106,50 +101,37 @@ class DeliveryWorker:
             if len(claimed) < free:
                 return
 
-    async def _claim(self, limit: int) -> list[dict[str, Any]]:
-        async with self.rt.pool.connection(timeout=5) as conn:
-            cur = await conn.execute(
-                "select * from sms.claim_messages(%(worker)s, %(limit)s, %(lease)s)",
-                {"worker": self.rt.worker_id, "limit": limit, "lease": self.lease_seconds},
-            )
-            return await cur.fetchall()
-
-    async def _deliver(self, message: dict[str, Any]) -> None:
-        sms = Sms(
-            phone=message["phone"], code=message["code"], out_id=str(message["delivery_id"]),
-            sign_name=message["sign_name"], template_code=message["template_code"],
-        )  # fmt: skip
+    async def _deliver(self, message: ClaimedMessage) -> None:
         started = time.monotonic()
         try:
             result = None
-            if message["needs_reconcile"]:
+            if message.needs_reconcile:
                 result = await self._reconcile(message)
             if result is None:
                 async with self.rt.in_flight.worker():
-                    message["started"] = True
-                    result = await self.rt.provider.send(sms, SEND_SECONDS)
+                    self._started.add(message.delivery_id)
+                    result = await self.rt.provider.send(message.sms(), SEND_SECONDS)
         except Exception as exc:  # a provider bug must not kill the worker or lose the message
             # No traceback: exception texts from an HTTP stack quote the request URL, phone and code included.
             frames = traceback.extract_tb(exc.__traceback__)
             where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
-            fields = {"delivery_id": message["delivery_id"], "error": type(exc).__name__, "where": where}
+            fields = {"delivery_id": message.delivery_id, "error": type(exc).__name__, "where": where}
             log.error("delivery raised", extra=fields)
-            result = SendResult(Outcome.AMBIGUOUS, "WorkerError", describe_failure(exc)[1], status=500)
+            result = SendResult(Outcome.AMBIGUOUS, WORKER_ERROR, describe_failure(exc)[1], kind=Kind.NEEDS_OPERATOR)
         latency_ms = int((time.monotonic() - started) * 1000)
         status = await self._finish(message, result, latency_ms)
+        self._started.discard(message.delivery_id)
         self._observe(message, result, status, latency_ms)
 
-    async def _reconcile(self, message: dict[str, Any]) -> SendResult | None:
+    async def _reconcile(self, message: ClaimedMessage) -> SendResult | None:
         """An earlier attempt may have gone out: ask the provider before sending again."""
-        out_ids = [str(i) for i in message["ambiguous_delivery_ids"]]
+        out_ids = [str(i) for i in message.ambiguous_delivery_ids]
         try:
-            found = await self.rt.provider.find_sent(message["phone"], out_ids, message["created_at"],
-                                                     RECONCILE_SECONDS)  # fmt: skip
+            found = await self.rt.provider.find_sent(message.phone, out_ids, message.created_at, RECONCILE_SECONDS)
         except Exception as exc:  # the text is built from the error's class, never from its message
-            return SendResult(Outcome.AMBIGUOUS, "ReconcileFailed", describe_failure(exc)[1], status=503)
+            return SendResult(Outcome.AMBIGUOUS, RECONCILE_FAILED, describe_failure(exc)[1], kind=Kind.UNAVAILABLE)
         if found is not None:
-            log.info("ambiguous attempt found delivered; not resending",
-                     extra={"delivery_id": message["delivery_id"]})  # fmt: skip
+            log.info("ambiguous attempt found delivered; not resending", extra={"delivery_id": message.delivery_id})
         return found
 
     def _retry_in(self, attempt: int, result: SendResult) -> int:
@@ -158,33 +140,33 @@ class DeliveryWorker:
         # Exponential backoff with full jitter, so a provider outage does not end in a thundering herd.
         return int(random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))) + 1
 
-    async def _finish(self, message: dict[str, Any], result: SendResult, latency_ms: int) -> str:
-        item = Finished(message["delivery_id"], result, self.rt.provider.name, latency_ms,
-                        retry_in_seconds=self._retry_in(message["attempt"], result),
+    async def _finish(self, message: ClaimedMessage, result: SendResult, latency_ms: int) -> str:
+        item = Finished(message.delivery_id, result, self.rt.provider.name, latency_ms,
+                        retry_in_seconds=self._retry_in(message.attempt, result),
                         max_attempts=self.max_attempts)  # fmt: skip
         # The result must be recorded; if the database is briefly away, keep trying while the lease lasts.
         deadline = time.monotonic() + self.lease_seconds
         while True:
             try:
-                return await self.rt.results.finish(item, timeout=5.0)
-            except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError, TimeoutError) as exc:
+                return await self.rt.store.finish(item, timeout=5.0)
+            except DatabaseUnavailable as exc:
                 if time.monotonic() > deadline:
                     log.error("could not record a delivery; its lease will expire and it will be reconciled",
-                              extra={"delivery_id": message["delivery_id"], "error": type(exc).__name__})  # fmt: skip
-                    return "unknown"
+                              extra={"delivery_id": message.delivery_id, "error": failure_name(exc)})  # fmt: skip
+                    return MessageStatus.UNKNOWN
                 await asyncio.sleep(0.5)
 
-    def _observe(self, message: dict[str, Any], result: SendResult, status: str, latency_ms: int) -> None:
+    def _observe(self, message: ClaimedMessage, result: SendResult, status: str, latency_ms: int) -> None:
         m = self.rt.metrics
         m.provider_results.labels(self.rt.provider.name, result.code).inc()
         m.provider_latency.labels(self.rt.provider.name).observe(latency_ms / 1000)
-        fields = {"phone": mask_phone(message["phone"]), "delivery_id": message["delivery_id"],
-                  "attempt": message["attempt"], "source": message["source"], "provider_code": result.code,
+        fields = {"phone": mask_phone(message.phone), "delivery_id": message.delivery_id,
+                  "attempt": message.attempt, "source": message.source, "provider_code": result.code,
                   "status": status, "latency_ms": latency_ms, "biz_id": result.biz_id}  # fmt: skip
         if result.accepted:
-            m.delivery_latency.observe((datetime.now(UTC) - message["created_at"]).total_seconds())
+            m.delivery_latency.observe((datetime.now(UTC) - message.created_at).total_seconds())
             log.info("SMS accepted", extra=fields)
-        elif status == "queued":
+        elif status == MessageStatus.QUEUED:
             m.delivery_retries.labels(result.code).inc()
             log.warning("SMS not sent, will retry", extra={**fields, "provider_message": result.message})
         else:
@@ -193,9 +175,9 @@ class DeliveryWorker:
             log.log(level, "SMS failed: %s", result.message, extra=fields)
 
     async def _update_gauges(self) -> None:
-        stats = await call(self.rt.pool, "select sms.queue_stats()", {}, timeout=5.0)
-        self.rt.metrics.queue_depth.set(stats["queued"])
-        self.rt.metrics.queue_oldest.set(float(stats["oldest_queued_seconds"]))
+        stats = await self.rt.store.queue_stats(timeout=5.0)
+        self.rt.metrics.queue_depth.set(stats.queued)
+        self.rt.metrics.queue_oldest.set(stats.oldest_queued_seconds)
 
     async def _shutdown(self) -> None:
         """Stop claiming; let sends in flight finish; hand back whatever has not started."""
@@ -205,14 +187,14 @@ class DeliveryWorker:
         for task, _ in unfinished:
             task.cancel()
         for _, message in unfinished:
-            if message.get("started"):
+            if message.delivery_id in self._started:
                 # The provider may have it: queue it again behind a reconcile rather than resend blindly.
-                result = SendResult(Outcome.AMBIGUOUS, "ShutdownDuringSend", "the sidecar stopped mid-send", status=503)
+                result = SendResult(Outcome.AMBIGUOUS, SHUTDOWN_DURING_SEND, "the sidecar stopped mid-send",
+                                    kind=Kind.UNAVAILABLE)  # fmt: skip
                 await self._finish(message, result, 0)
         try:
-            released = await call(self.rt.pool, "select sms.release_messages(%(w)s)", {"w": self.rt.worker_id},
-                                  timeout=5.0)  # fmt: skip
+            released = await self.rt.store.release_messages(timeout=5.0)
             if released:
                 log.info("released claimed messages", extra={"count": released})
         except Exception as exc:  # the leases expire on their own if the database is gone
-            log.warning("could not release claimed messages", extra={"error": type(exc).__name__})
+            log.warning("could not release claimed messages", extra={"error": failure_name(exc)})

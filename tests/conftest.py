@@ -157,10 +157,10 @@ def without_send_limits(settings: Any, **extra: Any) -> None:
 
 def auth_limits_hit(database: Database, phone: str) -> tuple[list[str], int]:
     """The limits (and seconds to wait) that refuse one more Auth hook SMS to `phone` now: the check both
-    hook paths run (sms.enforce_send_limits for the requester 'auth', who owns the number), rolled back."""
+    hook paths run (sms._enforce_send_limits for the requester 'auth', who owns the number), rolled back."""
     with psycopg.connect(database.url) as conn:
         try:
-            conn.execute("select sms.enforce_send_limits(%s, 'auth', true, null, null)", [phone])
+            conn.execute("select sms._enforce_send_limits(%s, 'auth', true, null, null)", [phone])
         except psycopg.Error as exc:
             details = json.loads(json.loads(exc.diag.message_primary or "{}")["details"])
             return list(details["limits"]), int(details["retry_after"])

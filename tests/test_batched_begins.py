@@ -95,4 +95,4 @@ def test_an_event_postgres_cannot_hold_fails_alone(database: Database, settings:
 
 def test_the_sidecar_may_only_begin_in_batches(database: Database) -> None:
     with psycopg.connect(sidecar_url(database)) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
-        conn.execute("select sms.hook_begin('{}'::jsonb, 'x', 'w')")
+        conn.execute("select sms._begin_hook_message('{}'::jsonb, 'x', 'auth_hook', 'w')")

@@ -72,7 +72,7 @@ def test_code_length_follows_settings(api: PostgREST, database: Database, settin
 
 
 def test_codes_are_uniformly_random(database: Database) -> None:
-    codes = [c for (c,) in database.execute("select sms.random_code(6) from generate_series(1, 4000)")]
+    codes = [c for (c,) in database.execute("select sms._random_code(6) from generate_series(1, 4000)")]
     assert all(re.fullmatch(r"[0-9]{6}", c) for c in codes)
     assert len(set(codes)) > 3950
     # Each digit position: chi-square against uniform, 9 degrees of freedom, p < 0.0001 cut-off.
@@ -100,7 +100,7 @@ def test_phone_forms_are_equivalent(api: PostgREST, database: Database) -> None:
         national,
         "+86 " + national[:3] + "-" + national[3:7] + " " + national[7:],
     ):
-        assert database.one("select sms.normalize_phone(%s)", [form]) == "86" + national
+        assert database.one("select sms._normalize_phone(%s)", [form]) == "86" + national
     assert verify(api, national, code, caller) == {"valid": True}
 
 

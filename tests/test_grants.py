@@ -8,19 +8,18 @@ import pytest
 from conftest import Database
 from postgrest import ANON, SERVICE, Caller, PostgREST, user
 
+from sidecar import store
+
 API_ROLES = ("anon", "authenticated", "service_role")
 WRAPPERS = {
     "request_phone_code": {"phone": "+8613012345678"},
     "verify_phone_code": {"phone": "+8613012345678", "code": "123456"},
     "phone_code_status": {"request_id": "00000000-0000-4000-8000-000000000000"},
 }
-# What each process calls, and nothing more: `serve` (hook and worker) and the gRPC drop-in. sms.purge
-# is the operator's (pg_cron as postgres).
-SIDECAR_FUNCTIONS = {
-    "schema_version", "claim_messages", "finish_delivery", "finish_deliveries", "release_messages", "hook_begin_many",
-    "message_state", "queue_stats", "test_number_count",
-}  # fmt: skip
-GRPC_FUNCTIONS = {"grpc_send_code", "grpc_verify_code", "message_state", "schema_version"}
+# What each process calls, and nothing more: `serve` (hook and worker) and the gRPC drop-in, as
+# sidecar/store.py lists them. sms.purge is the operator's (pg_cron as postgres).
+SIDECAR_FUNCTIONS = {fn.removeprefix("sms.").partition("(")[0] for fn in store.SIDECAR_FUNCTIONS}
+GRPC_FUNCTIONS = {fn.removeprefix("sms.").partition("(")[0] for fn in store.GRPC_FUNCTIONS}
 
 
 def our_functions(db: Database) -> list[tuple[str, str, bool, list[str] | None]]:

@@ -921,7 +921,7 @@ def test_many_users_from_one_address_cannot_pump(api: PostgREST, database: Datab
     answers = [ask(api, fresh_phone(), caller) for caller in callers]
     assert [a.status for a in answers] == [200] * 4 + [429] * 6, [a.body for a in answers]
     assert all(limits_hit(a) == ["hourly_limit_per_ip"] for a in answers[4:])
-    assert database.one("select count(*) from sms.outbox where ip_key = sms.ip_key(%s::inet)", [ip]) == 4
+    assert database.one("select count(*) from sms.outbox where ip_key = sms._ip_key(%s::inet)", [ip]) == 4
 
 
 def test_one_number_from_many_users_and_addresses(api: PostgREST, database: Database, settings: Any) -> None:
@@ -1294,13 +1294,13 @@ def test_slow_loris_bodies_are_cut_off_and_others_are_served(served: str, fake: 
 
 
 def test_codes_are_compared_in_constant_time(database: Database) -> None:
-    check = database.one("select pg_get_functiondef('sms.check_code(text, text, text, text)'::regprocedure)")
+    check = database.one("select pg_get_functiondef('sms._check_code(text, text, text, text)'::regprocedure)")
     compact = re.sub(r"\s+", " ", check)
-    assert "sms.constant_time_equal(sms.code_hash(c.id, p_code), c.code_hash)" in compact
+    assert "sms._constant_time_equal(sms._hash_code(c.id, p_code), c.code_hash)" in compact
     assert not re.search(r"code_hash\s*(=|<>|!=)|(=|<>|!=)\s*c\.code_hash", check), "a direct comparison of hashes"
     for wrapper in ("sms.verify_code(text, text, text)", "sms.grpc_verify_code(text, text)"):
-        assert "sms.check_code(" in database.one("select pg_get_functiondef(%s::regprocedure)", [wrapper])
-    equal = database.one("select pg_get_functiondef('sms.constant_time_equal(bytea, bytea)'::regprocedure)").lower()
+        assert "sms._check_code(" in database.one("select pg_get_functiondef(%s::regprocedure)", [wrapper])
+    equal = database.one("select pg_get_functiondef('sms._constant_time_equal(bytea, bytea)'::regprocedure)").lower()
     body = equal.split("begin", 1)[1]
     assert "exit" not in body and body.count("return") == 1, "the comparison stops early"
 
@@ -1314,7 +1314,7 @@ def test_codes_are_compared_in_constant_time(database: Database) -> None:
         ("\\x", "\\x00"): False,
     }
     for (a, b), expected in cases.items():
-        assert database.one("select sms.constant_time_equal(%s::bytea, %s::bytea)", [a, b]) is expected
+        assert database.one("select sms._constant_time_equal(%s::bytea, %s::bytea)", [a, b]) is expected
 
     # ... and takes as long for a difference in the first byte as in the last (a smoke check, measured
     # inside the server to keep the network and the client's scheduling out of it).
@@ -1322,7 +1322,7 @@ def test_codes_are_compared_in_constant_time(database: Database) -> None:
         conn.execute(
             "create function pg_temp.time_equal(a bytea, b bytea, n integer) returns float8 language plpgsql as $$"
             " declare t0 timestamptz := clock_timestamp(); r boolean;"
-            " begin for i in 1 .. n loop r := sms.constant_time_equal(a, b); end loop;"
+            " begin for i in 1 .. n loop r := sms._constant_time_equal(a, b); end loop;"
             " return extract(epoch from clock_timestamp() - t0); end $$"
         )
         hashes = conn.execute("select extensions.hmac('x', 'k', 'sha256')").fetchone()

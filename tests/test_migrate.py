@@ -137,29 +137,27 @@ def test_migrate_can_give_the_sidecar_role_its_login(empty_db: tuple[str, str]) 
     assert str(stored).startswith("SCRAM-SHA-256$") and "s3cret-from-env" not in str(stored)
 
 
-def test_upgrading_keeps_codes_and_scrubs_request_text_from_stored_errors(
-    empty_db: tuple[str, str], tmp_path: Path
-) -> None:
-    """From the first release to now: outstanding codes keep their owner, and connection errors that
-    quoted the request (number and code) are reduced to their code."""
+@pytest.mark.parametrize("table", ["sms.schema_migrations", "supabase_migrations.schema_migrations"])
+def test_a_database_of_the_pre_release_files_is_told_to_be_re_created(empty_db: tuple[str, str], table: str) -> None:
+    """The pre-release files were re-cut by concern before the first release: a database that recorded
+    any of them (by `sms-sidecar migrate` or the Supabase CLI) gets what to do, and nothing applied."""
     url, _ = empty_db
-    first_release = [m for m in bundled() if m.version <= "20261121000002"]
-    for migration in first_release:
-        (tmp_path / migration.path.name).write_text(migration.sql, encoding="utf-8")
-    assert run_migrate(url, "--dir", str(tmp_path)).returncode == 0
-    leak = "ConnectionError: https://dysmsapi.aliyuncs.com/?PhoneNumbers=13012345678&TemplateParam=%7B%22code%22"
-    uid = str(uuid.uuid4())
     with psycopg.connect(url, autocommit=True) as conn:
+        schema = table.split(".")[0]
+        conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
         conn.execute(
-            "select set_config('request.jwt.claims', %s, false)", [f'{{"role": "authenticated", "sub": "{uid}"}}']
+            sql.SQL("create table {} (version text primary key, name text, checksum text)").format(
+                sql.Identifier(*table.split("."))
+            )
         )
-        (issued,) = conn.execute("select sms.request_code('+8613012345678', 'default')").fetchone()  # type: ignore[misc]
         conn.execute(
-            "update sms.outbox set status = 'failed', code = null, provider_code = 'ConnectFailed', last_error = %s"
-            " where code_id = %s",
-            [leak, issued["request_id"]],
+            sql.SQL("insert into {} (version, name) values ('20261121000001', 'sms_core')").format(
+                sql.Identifier(*table.split("."))
+            )
         )
-    assert run_migrate(url).returncode == 0
-    assert scalar(url, "select last_error from sms.outbox") == "ConnectFailed"
-    assert scalar(url, "select owner from sms.codes") == f"user:{uid}"
-    assert scalar(url, "select requester from sms.outbox") == f"user:{uid}"
+    result = run_migrate(url)
+    assert result.returncode == 1
+    assert f"{bundled()[0].path.name}: this database applied pre-release migrations (20261121000001)" in result.stderr
+    assert "Re-create the database" in result.stderr and "drop schema sms cascade" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert scalar(url, "select to_regclass('sms.outbox')") is None

@@ -46,8 +46,9 @@ from sidecar.app import create_app
 from sidecar.config import AliyunConfig, Config, GrpcConfig, WorkerConfig
 from sidecar.grpc_api import phonenumberservice_pb2 as pb, phonenumberservice_pb2_grpc as pb_grpc
 from sidecar.logs import JsonFormatter
+from sidecar.outcomes import SendResult
 from sidecar.providers.aliyun import AliyunProvider
-from sidecar.providers.base import SendResult, Sms
+from sidecar.providers.base import Sms
 from sidecar.webhook import parse_secrets
 
 AK, AK_SECRET = "LTAI-errors-test", "errors-test-secret"

@@ -1,4 +1,4 @@
-"""Delivery results recorded several to a statement (sidecar/results.py, sms.finish_deliveries)."""
+"""Delivery results recorded several to a statement (sidecar/store.py ResultWriter, sms.finish_deliveries)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from postgrest import SERVICE, PostgREST
 from servers import sidecar_url
 
 from sidecar.db import create_pool
-from sidecar.providers.base import Outcome, SendResult
-from sidecar.results import Finished, ResultWriter
+from sidecar.outcomes import Outcome, SendResult
+from sidecar.store import Finished, ResultWriter
 
 
 def claimed(api: PostgREST, database: Database, count: int) -> list[int]:

@@ -19,26 +19,26 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import signal
 import time
-from collections.abc import Callable
-from typing import Any, NoReturn
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sidecar.config import Config
-from sidecar.db import ApiError, call
+from sidecar.db import ApiError
+from sidecar.errors import DatabaseUnavailable, SidecarError, failure_name
 from sidecar.grpc_api import phonenumberservice_pb2 as pb, phonenumberservice_pb2_grpc as pb_grpc
-from sidecar.lifecycle import running
-from sidecar.logs import configure, mask_phone
-from sidecar.migrate import bundled
-from sidecar.providers.aliyun import classify_business_error
+from sidecar.logs import mask_phone
+from sidecar.outcomes import Kind
 from sidecar.runtime import Runtime
+from sidecar.store import MessageStatus, schema_is_current
 
-__all__ = ["DEFAULT_PORT", "SERVICE_NAME", "GrpcBindError", "GrpcServer", "PhoneNumberService", "run", "serve_grpc"]
+__all__ = ["DEFAULT_PORT", "SERVICE_NAME", "GrpcBindError", "GrpcServer", "PhoneNumberService", "grpc_service"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("sidecar.grpc")
 
@@ -49,17 +49,13 @@ POLL_SECONDS = 0.05  # how often SendSMS looks at its message while the worker s
 MAX_WAIT_SECONDS = 8.0  # longest SendSMS waits for the provider's answer
 DEADLINE_MARGIN = 0.2  # answer this long before the caller's deadline, so the answer reaches it
 DB_TIMEOUT_SECONDS = 5.0
-GRPC_ROLE = "sms_grpc"  # holds the gRPC code functions; the login needs: grant sms_grpc to <login>
 HEALTH_INTERVAL = 1.0
 SHUTDOWN_GRACE = MAX_WAIT_SECONDS + 2.0  # calls in flight may be waiting for a delivery
-
-# The database did not answer (down, restarting, pool exhausted, statement timeout): worth retrying.
-_UNREACHABLE = (TimeoutError, OSError, psycopg.OperationalError, psycopg.InterfaceError)
 
 _register: Callable[[object, Any], None] = pb_grpc.add_PhoneNumberServiceServicer_to_server
 
 
-class GrpcBindError(OSError):
+class GrpcBindError(SidecarError, OSError):
     """The gRPC address cannot be listened on (in use, or not an address of this host)."""
 
 
@@ -94,14 +90,8 @@ class PhoneNumberService:
         pair = None if not sign or (sign, template) == self._default_pair else (sign, template)
         fields = {"phone": mask_phone(phone), "template": pair[1] if pair else "default"}
         try:
-            issued = await self._db(
-                context,
-                "select sms.grpc_send_code(%(phone)s, %(sign)s, %(template)s)",
-                {"phone": phone, "sign": pair[0] if pair else None, "template": pair[1] if pair else None},
-                deadline,
-                fields,
-                role=GRPC_ROLE,
-            )
+            message_id = await self._db(context, lambda timeout: self.rt.store.grpc_send_code(
+                phone, pair[0] if pair else None, pair[1] if pair else None, timeout), deadline, fields)  # fmt: skip
         except ApiError as exc:
             if exc.status == 429:
                 wait = exc.retry_after or 60
@@ -111,36 +101,32 @@ class PhoneNumberService:
             log.info("SendSMS refused", extra={**fields, "reason": exc.code})
             code = grpc.StatusCode.INVALID_ARGUMENT if exc.status == 400 else grpc.StatusCode.FAILED_PRECONDITION
             await _abort(context, code, f"{exc.code}: {exc.message}")
-        message_id = issued.get("message_id")
         if message_id is None:  # nothing to deliver (a test number's message is recorded as sent)
             return pb.Empty()
-        await self._await_delivery(context, str(message_id), deadline, fields)
+        await self._await_delivery(context, message_id, deadline, fields)
         return pb.Empty()
 
     async def _await_delivery(self, context: Any, message_id: str, deadline: float, fields: dict[str, Any]) -> None:
         """Answer as the original did, after the provider took the SMS (or refused it)."""
         wait_until = min(deadline, time.monotonic() + MAX_WAIT_SECONDS)
-        while True:
-            state = await self._db(context, "select sms.message_state(%(id)s)", {"id": message_id}, wait_until, fields,
-                                   unavailable="the database became unavailable before the delivery was confirmed; "
-                                   "the code may still arrive")  # fmt: skip
-            state = state or {"status": "unknown", "provider_code": None}  # purged meanwhile: nothing to confirm
-            status, provider_code = state["status"], state["provider_code"] or ""
-            if status == "sent":
-                log.info("SendSMS delivered to the provider", extra={**fields, "provider_code": provider_code})
-                return
-            if status == "failed":
-                result = classify_business_error(provider_code, state["error"] or "")
-                log.warning("SendSMS failed", extra={**fields, "provider_code": provider_code})
-                details = f"the SMS was not sent ({provider_code}): {state['error'] or 'no detail'}"
-                if result.status == 400:
-                    await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, details)
-                if result.status == 429:
-                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, details, result.retry_after or 60)
-                await _abort(context, grpc.StatusCode.UNAVAILABLE, details)
-            if time.monotonic() + POLL_SECONDS >= wait_until:
-                break
-            await asyncio.sleep(POLL_SECONDS)
+        state = await self._db(
+            context,
+            lambda _: self.rt.store.wait_for_state(message_id, lambda s: s.status in _SETTLED, until=wait_until,
+                                                   deadline=wait_until, poll=POLL_SECONDS,
+                                                   max_timeout=DB_TIMEOUT_SECONDS),
+            wait_until, fields,
+            unavailable="the database became unavailable before the delivery was confirmed; the code may still arrive",
+        )  # fmt: skip
+        status, provider_code = state.status, state.provider_code
+        if status == MessageStatus.SENT:
+            log.info("SendSMS delivered to the provider", extra={**fields, "provider_code": provider_code})
+            return
+        if status == MessageStatus.FAILED:
+            result = self.rt.provider.classify(provider_code, state.error)
+            log.warning("SendSMS failed", extra={**fields, "provider_code": provider_code})
+            details = f"the SMS was not sent ({provider_code}): {state.error or 'no detail'}"
+            wait = result.retry_after or 60 if result.kind is Kind.RATE_LIMITED else None
+            await _abort(context, _FAILED_STATUS.get(result.kind, grpc.StatusCode.UNAVAILABLE), details, wait)
         last = f", last attempt: {provider_code}" if provider_code else ""
         log.warning("SendSMS: delivery not confirmed in time",
                     extra={**fields, "status": status, "provider_code": provider_code})  # fmt: skip
@@ -154,16 +140,13 @@ class PhoneNumberService:
             return pb.ValidResponse(valid=False)
         fields = {"phone": mask_phone(phone)}
         try:
-            result = await self._db(context, "select sms.grpc_verify_code(%(phone)s, %(code)s)",
-                                    {"phone": phone, "code": code}, _deadline(context), fields,
-                                    role=GRPC_ROLE)  # fmt: skip
+            checked = await self._db(context, lambda timeout: self.rt.store.grpc_verify_code(phone, code, timeout),
+                                     _deadline(context), fields)  # fmt: skip
         except ApiError as exc:  # a malformed number or code: the original answered false
             log.info("Valid: refused input", extra={**fields, "reason": exc.code})
             return pb.ValidResponse(valid=False)
-        valid = isinstance(result, dict) and result.get("valid") is True
-        reason = None if valid else (result or {}).get("reason")
-        log.info("Valid checked", extra={**fields, "valid": valid, "reason": reason})
-        return pb.ValidResponse(valid=valid)
+        log.info("Valid checked", extra={**fields, "valid": checked.valid, "reason": checked.reason})
+        return pb.ValidResponse(valid=checked.valid)
 
     async def _authorize(self, context: Any) -> None:
         if self._token is None:  # GRPC_ALLOW_UNAUTHENTICATED=true and no token
@@ -179,31 +162,36 @@ class PhoneNumberService:
     async def _db(
         self,
         context: Any,
-        query: str,
-        params: dict[str, Any],
+        work: Callable[[float], Awaitable[T]],
         deadline: float,
         fields: dict[str, Any],
         unavailable: str = "the database is unavailable, try again",
-        role: str | None = None,
-    ) -> Any:
-        """One statement, answered by `deadline`; only ApiError (the SQL core's refusals) reaches the caller."""
+    ) -> T:
+        """`work(timeout)`, answered by `deadline`; only ApiError (the SQL core's refusals) reaches the caller."""
         timeout = max(0.05, min(DB_TIMEOUT_SECONDS, deadline - time.monotonic()))
         try:
-            return await asyncio.wait_for(call(self.rt.pool, query, params, timeout=timeout, role=role), timeout)
+            return await work(timeout)
         except psycopg.errors.InsufficientPrivilege:
             # The operator has not given this login the gRPC role (least privilege: docs/grpc-migration.md).
             log.error("gRPC call: the database login may not act as sms_grpc; run: grant sms_grpc to <login>",
                       extra=fields)  # fmt: skip
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                          "the sidecar's database login lacks the sms_grpc role")  # fmt: skip
-        except _UNREACHABLE as exc:
-            log.warning("gRPC call: database unavailable", extra={**fields, "error": type(exc).__name__})
+        except DatabaseUnavailable as exc:
+            log.warning("gRPC call: database unavailable", extra={**fields, "error": failure_name(exc)})
             await _abort(context, grpc.StatusCode.UNAVAILABLE, unavailable)
         except psycopg.Error as exc:  # a bug or a schema out of step: not the caller's to retry
             log.error(
                 "gRPC call: database error", extra={**fields, "error": type(exc).__name__, "sqlstate": exc.sqlstate}
             )
             await _abort(context, grpc.StatusCode.INTERNAL, f"database error ({type(exc).__name__})")
+
+
+# How a failed SMS is reported, by what went wrong: a bad number is the caller's, a rate limit (which
+# also carries retry-after) says when to come back, and the rest is worth retrying.
+_FAILED_STATUS: dict[Kind | None, Any] = {Kind.BAD_NUMBER: grpc.StatusCode.INVALID_ARGUMENT,
+                                          Kind.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED}  # fmt: skip
+_SETTLED = (MessageStatus.SENT, MessageStatus.FAILED)
 
 
 def _deadline(context: Any) -> float:
@@ -222,6 +210,7 @@ class GrpcServer:
 
     def __init__(self, rt: Runtime, host: str, port: int) -> None:
         self.rt = rt
+        self.name = "grpc"
         self.address = _address(host, port)
         self.health = health.aio.HealthServicer()
         self._server: Any = None
@@ -275,10 +264,10 @@ class GrpcServer:
     async def _database_ready(self) -> bool:
         """As /readyz: the database answers and has every migration this sidecar needs."""
         try:
-            have = await asyncio.wait_for(call(self.rt.pool, "select sms.schema_version()", {}, timeout=2.0), 2.5)
+            have = await self.rt.store.schema_version(timeout=2.0, bound=2.5)
         except Exception:  # whatever keeps the database from answering makes the service unusable
             return False
-        return str(have) >= bundled()[-1].version
+        return schema_is_current(have)
 
     async def _set_health(self, serving: bool) -> None:
         if serving == self._serving:
@@ -292,29 +281,6 @@ class GrpcServer:
             await self.health.set(service, status)
 
 
-async def serve_grpc(rt: Runtime, stop: asyncio.Event, host: str | None = None, port: int | None = None) -> None:
-    """Serves the gRPC API with `rt` until `stop` is set (host and port default to the configuration)."""
-    server = GrpcServer(rt, host or rt.config.host, port or rt.config.grpc.port or DEFAULT_PORT)
-    await server.start()
-    try:
-        await stop.wait()
-    finally:
-        await server.stop()
-
-
-def run(config: Config) -> None:
-    """`sms-sidecar grpc`: the gRPC API and the delivery worker in one process, until SIGTERM or SIGINT."""
-    configure()
-    try:
-        asyncio.run(_run(config))
-    except GrpcBindError as exc:
-        raise SystemExit(f"sms-sidecar grpc: {exc}") from None
-
-
-async def _run(config: Config) -> None:
-    shutdown = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, shutdown.set)
-    async with running(config, grpc_port=config.grpc.port or DEFAULT_PORT):
-        await shutdown.wait()
+def grpc_service(host: str, port: int | None) -> Callable[[Runtime], GrpcServer]:
+    """The gRPC server as a service of sidecar/lifecycle.py (`port` None: the Go service's)."""
+    return lambda rt: GrpcServer(rt, host, port or DEFAULT_PORT)

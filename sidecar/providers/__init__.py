@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from sidecar.config import Config
-from sidecar.providers.base import Busy, InFlight, Outcome, Provider, SendResult, Sms
+from sidecar.providers.base import Busy, InFlight, Provider, Sms
 
-__all__ = ["Busy", "InFlight", "Outcome", "Provider", "SendResult", "Sms", "build_provider"]
+__all__ = ["Busy", "InFlight", "Provider", "Sms", "build_provider"]
 
 
 def build_provider(config: Config) -> Provider:

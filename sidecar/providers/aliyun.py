@@ -22,7 +22,22 @@ from typing import TYPE_CHECKING, Any
 
 from sidecar.config import AliyunConfig
 from sidecar.logs import silence_sdk_logger
-from sidecar.providers.base import Outcome, SendResult, Sms
+from sidecar.outcomes import (
+    BAD_GATEWAY,
+    CLIENT_ERROR,
+    CODE_LENGTH_UNSUPPORTED,
+    CONNECT_FAILED,
+    EMPTY_RESPONSE,
+    NO_INTERNATIONAL_TEMPLATE,
+    NO_RESPONSE,
+    OK,
+    RECONCILED,
+    Kind,
+    Outcome,
+    SendResult,
+    stored_result,
+)  # fmt: skip
+from sidecar.providers.base import Sms
 from sidecar.providers.errors import CONNECT_PHASE, Failure, ProviderError, describe_failure, provider_text
 
 if TYPE_CHECKING:
@@ -47,16 +62,16 @@ def classify_business_error(code: str, message: str) -> SendResult:
     if code == "isv.BUSINESS_LIMIT_CONTROL":
         # Per-number flow control; the message names the window (分钟级 / 小时级 / 天级).
         wait = 86400 if "天级" in message else 3600 if "小时级" in message else 60
-        return SendResult(Outcome.RETRY, code, message, status=429, retry_after=wait)
+        return SendResult(Outcome.RETRY, code, message, kind=Kind.RATE_LIMITED, retry_after=wait)
     if code in _NUMBER:
-        return SendResult(Outcome.REJECTED, code, message, status=400)
+        return SendResult(Outcome.REJECTED, code, message, kind=Kind.BAD_NUMBER)
     if code in _ACCOUNT_CAP:
-        return SendResult(Outcome.REJECTED, code, message, status=503, alert=True)
+        return SendResult(Outcome.REJECTED, code, message, kind=Kind.UNAVAILABLE, alert=True)
     if code in _TRANSIENT:
-        return SendResult(Outcome.RETRY, code, message, status=502)
+        return SendResult(Outcome.RETRY, code, message, kind=Kind.PROVIDER_ERROR)
     # Balance, sign, template, parameters, content, permissions, or a code we do not know:
     # only an operator can fix these, and resending cannot help.
-    return SendResult(Outcome.REJECTED, code, message, status=500, alert=True)
+    return SendResult(Outcome.REJECTED, code, message, kind=Kind.NEEDS_OPERATOR, alert=True)
 
 
 @dataclass
@@ -82,15 +97,15 @@ def _transport_failure(exc: BaseException, endpoint: str, sent: bool) -> SendRes
     """No usable answer: a result whose message is safe to store and show (see providers/errors.py)."""
     kind, message = describe_failure(exc, endpoint)
     if kind in CONNECT_PHASE or (not sent and kind in (Failure.TIMEOUT, Failure.TLS)):
-        return SendResult(Outcome.RETRY, "ConnectFailed", message, status=503, connect_failure=True)
+        return SendResult(Outcome.RETRY, CONNECT_FAILED, message, kind=Kind.UNAVAILABLE, connect_failure=True)
     if kind is Failure.BAD_ANSWER:
         # An error page that is not JSON (a proxy in between failed): the API did not take it.
-        return SendResult(Outcome.RETRY, "BadGateway", message, status=502)
+        return SendResult(Outcome.RETRY, BAD_GATEWAY, message, kind=Kind.PROVIDER_ERROR)
     if kind is Failure.OTHER:
         # A bug on our side (the request could not be built or signed): an operator has to look.
-        return SendResult(Outcome.REJECTED, "ClientError", message, status=500, alert=True)
+        return SendResult(Outcome.REJECTED, CLIENT_ERROR, message, kind=Kind.NEEDS_OPERATOR, alert=True)
     # Read timeout, reset, a dropped reply: Aliyun may have sent it.
-    return SendResult(Outcome.AMBIGUOUS, "NoResponse", message, status=504)
+    return SendResult(Outcome.AMBIGUOUS, NO_RESPONSE, message, kind=Kind.TIMEOUT)
 
 
 def _classify_error_answer(answer: _Answer) -> SendResult:
@@ -102,13 +117,13 @@ def _classify_error_answer(answer: _Answer) -> SendResult:
     request_id = _none_if_missing(body.get("RequestId") or body.get("requestId"))
     if answer.retry_after_ms is not None or code.startswith("Throttling"):
         wait = max(1, answer.retry_after_ms // 1000) if answer.retry_after_ms else 1
-        return SendResult(Outcome.RETRY, code, message, request_id=request_id, status=503, retry_after=wait)
+        return SendResult(Outcome.RETRY, code, message, request_id=request_id, kind=Kind.UNAVAILABLE, retry_after=wait)
     if code == "SignatureNonceUsed":
-        return SendResult(Outcome.RETRY, code, message, request_id=request_id, status=503)
+        return SendResult(Outcome.RETRY, code, message, request_id=request_id, kind=Kind.UNAVAILABLE)
     if answer.status >= 500:
-        return SendResult(Outcome.RETRY, code, message, request_id=request_id, status=502)
+        return SendResult(Outcome.RETRY, code, message, request_id=request_id, kind=Kind.PROVIDER_ERROR)
     # Signature, access key, RAM permission, clock or request errors.
-    return SendResult(Outcome.REJECTED, code, message, request_id=request_id, status=500, alert=True)
+    return SendResult(Outcome.REJECTED, code, message, request_id=request_id, kind=Kind.NEEDS_OPERATOR, alert=True)
 
 
 def _none_if_missing(value: Any) -> str | None:
@@ -139,7 +154,7 @@ class AliyunProvider:
         """The SDK's modules, and the process's one session (in the loop that will use it)."""
         if self._session is not None:
             return
-        import aiohttp  # here, not at import: the hook imports this module's error codes in console mode too
+        import aiohttp  # here, not at import: `check` and the console-mode tests import this module too
 
         self._load_sdk()
         tls: ssl.SSLContext | bool = ssl.create_default_context() if self.config.protocol == "https" else False
@@ -217,8 +232,8 @@ class AliyunProvider:
         except ValueError as exc:
             return _transport_failure(exc, self.config.endpoint, True)
         if not isinstance(body, dict):
-            return SendResult(Outcome.RETRY, "BadGateway", f"{self.config.endpoint}: answer is not an object",
-                              status=502)  # fmt: skip
+            return SendResult(Outcome.RETRY, BAD_GATEWAY, f"{self.config.endpoint}: answer is not an object",
+                              kind=Kind.PROVIDER_ERROR)  # fmt: skip
         retry_after = int(retry_header) if retry_header and retry_header.isdigit() and int(retry_header) > 0 else None
         return _Answer(status, body, retry_after)
 
@@ -226,16 +241,16 @@ class AliyunProvider:
         route = self.route(sms)
         if route is None:
             return SendResult(
-                Outcome.REJECTED, "NoInternationalTemplate",
+                Outcome.REJECTED, NO_INTERNATIONAL_TEMPLATE,
                 "set ALIYUN_SMS_INTL_SIGN_NAME and ALIYUN_SMS_INTL_TEMPLATE_CODE for numbers outside mainland China",
-                status=500, alert=True,
+                kind=Kind.NEEDS_OPERATOR, alert=True,
             )  # fmt: skip
         if not 4 <= len(sms.code) <= 6:
             return SendResult(
-                Outcome.REJECTED, "CodeLengthUnsupported",
+                Outcome.REJECTED, CODE_LENGTH_UNSUPPORTED,
                 f"Aliyun verification templates take 4-6 characters, got {len(sms.code)}: "
                 "set GOTRUE_SMS_OTP_LENGTH=6 (and GOTRUE_MFA_PHONE_OTP_LENGTH=6)",
-                status=500, alert=True,
+                kind=Kind.NEEDS_OPERATOR, alert=True,
             )  # fmt: skip
         # Mainland numbers go without the country code: unambiguous for Aliyun's domestic route.
         phone = sms.phone[2:] if sms.phone.startswith("86") else sms.phone
@@ -254,11 +269,17 @@ class AliyunProvider:
         body = answer.body
         code, request_id = str(body.get("Code") or ""), _none_if_missing(body.get("RequestId"))
         message = provider_text(str(body.get("Message") or ""))
-        if code == "OK":
+        if code == OK:
             return SendResult(Outcome.ACCEPTED, code, message, biz_id=_none_if_missing(body.get("BizId")),
                               request_id=request_id)  # fmt: skip
-        result = classify_business_error(code or "EmptyResponse", message)
+        result = classify_business_error(code or EMPTY_RESPONSE, message)
         return SendResult(**{**result.__dict__, "request_id": request_id})
+
+    def classify(self, code: str, message: str) -> SendResult:
+        """Aliyun's business codes as `classify_business_error` reads them; the rest are ours."""
+        if code.startswith(("isv.", "isp.")):
+            return classify_business_error(code, message)
+        return stored_result(code, message)
 
     async def find_sent(self, phone: str, out_ids: list[str], since: datetime, timeout: float) -> SendResult | None:
         """QuerySendDetails for each China-time day since `since`, matched on our OutId.
@@ -278,7 +299,7 @@ class AliyunProvider:
             if isinstance(answer, SendResult):
                 raise ProviderError(answer.code, f"QuerySendDetails: {answer.message}")
             body = answer.body
-            if answer.status >= 400 or body.get("Code") != "OK":
+            if answer.status >= 400 or body.get("Code") != OK:
                 failed = _classify_error_answer(answer) if answer.status >= 400 else None
                 code = failed.code if failed else str(body.get("Code"))
                 raise ProviderError(code, f"QuerySendDetails answered {code}: "
@@ -286,7 +307,7 @@ class AliyunProvider:
             details = (body.get("SmsSendDetailDTOs") or {}).get("SmsSendDetailDTO") or []
             for item in details:
                 if item.get("OutId") in wanted and item.get("SendStatus") != 2:  # 2: the carrier reported failure
-                    return SendResult(Outcome.ACCEPTED, "RECONCILED",
+                    return SendResult(Outcome.ACCEPTED, RECONCILED,
                                       f"found by QuerySendDetails ({item.get('ErrCode')})",
                                       request_id=_none_if_missing(body.get("RequestId")))  # fmt: skip
             day += timedelta(days=1)

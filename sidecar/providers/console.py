@@ -12,7 +12,8 @@ import uuid
 from datetime import datetime
 
 from sidecar.logs import mask_phone
-from sidecar.providers.base import Outcome, SendResult, Sms
+from sidecar.outcomes import OK, Outcome, SendResult, stored_result
+from sidecar.providers.base import Sms
 
 __all__ = ["ConsoleProvider"]
 
@@ -29,7 +30,10 @@ class ConsoleProvider:
     async def send(self, sms: Sms, timeout: float) -> SendResult:
         print(f"[console SMS] to {mask_phone(sms.phone)} (out_id {sms.out_id}): code {sms.code}",
               file=sys.stderr, flush=True)  # fmt: skip
-        return SendResult(Outcome.ACCEPTED, "OK", "printed by the console provider", biz_id=f"console-{uuid.uuid4()}")
+        return SendResult(Outcome.ACCEPTED, OK, "printed by the console provider", biz_id=f"console-{uuid.uuid4()}")
 
     async def find_sent(self, phone: str, out_ids: list[str], since: datetime, timeout: float) -> SendResult | None:
         return None  # printing never leaves a doubt about whether it happened
+
+    def classify(self, code: str, message: str) -> SendResult:
+        return stored_result(code, message)

@@ -16,6 +16,8 @@ import socket
 import ssl
 from enum import StrEnum
 
+from sidecar.errors import SidecarError
+
 __all__ = ["CONNECT_PHASE", "Failure", "ProviderError", "describe_failure", "provider_text"]
 
 MAX_PROVIDER_TEXT = 200
@@ -44,7 +46,7 @@ class Failure(StrEnum):
 CONNECT_PHASE = frozenset({Failure.DNS, Failure.REFUSED, Failure.CONNECT_TIMEOUT, Failure.CONNECT})
 
 
-class ProviderError(Exception):
+class ProviderError(SidecarError):
     """Raised by providers instead of an SDK error: `code` is the provider's, the text is safe to show."""
 
     def __init__(self, code: str, message: str) -> None:

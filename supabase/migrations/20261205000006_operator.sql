@@ -1,12 +1,13 @@
--- supabase-aliyun-sms: what operators look at.
+-- supabase-aliyun-sms 6/6: what operators run and look at.
 --
 -- sms.delivery_log: one row per SMS requested with its latest send attempt, for watching deliveries
 -- in the Studio SQL editor (`select * from sms.delivery_log order by created_at desc limit 50;`). It shows no code and no full
 -- phone number, and only `postgres` (its owner) may read it.
---
 -- sms.test_number_count(): how many numbers sms.settings.test_codes lists, so that `sms-sidecar check`
 -- (connected as sms_sidecar, which may not read sms.settings) can warn that the Auth hook cannot use
 -- them.
+-- sms.purge(): retention, the operator's (pg_cron as postgres).
+-- sms.schema_version(): the newest migration's version, which /readyz compares with the sidecar's.
 
 ------------------------------------------------------------------------------------------------
 -- Delivery log
@@ -83,12 +84,55 @@ as $$
 $$;
 comment on function sms.test_number_count() is 'supabase-aliyun-sms: how many numbers sms.settings.test_codes lists (never their codes), for sms-sidecar check: the Auth hook cannot use them, since GoTrue generates the OTP (use GOTRUE_SMS_TEST_OTP for Auth).';
 
-revoke all on function sms.test_number_count() from public, anon, authenticated, service_role;
 grant execute on function sms.test_number_count() to sms_sidecar;
+
+------------------------------------------------------------------------------------------------
+-- Retention
+------------------------------------------------------------------------------------------------
+
+create or replace function sms.purge(p_keep interval default '30 days')
+returns jsonb
+language plpgsql
+volatile
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    -- The outbox is also the record the 24-hour limits count.
+    keep interval := greatest(p_keep, interval '1 day');
+    codes_deleted integer;
+    messages_deleted integer;
+begin
+    delete from sms.outbox as o
+    where o.status in ('sent', 'failed') and o.created_at < now() - keep;
+    get diagnostics messages_deleted = row_count;
+
+    delete from sms.codes as c where c.expires_at < now() - keep;
+    get diagnostics codes_deleted = row_count;
+
+    -- A key row only serialises requests; one untouched for a day guards nothing the limits count.
+    delete from sms.limit_locks as l where l.touched_at < now() - interval '1 day';
+
+    return jsonb_build_object('codes', codes_deleted, 'messages', messages_deleted);
+end
+$$;
+comment on function sms.purge(interval) is 'supabase-aliyun-sms retention: deletes codes expired, and delivered or failed messages (with their ledger rows) created, longer ago than p_keep (at least 1 day). Schedule with pg_cron: select cron.schedule(''sms-purge'', ''17 3 * * *'', ''select sms.purge()'');';
+
+------------------------------------------------------------------------------------------------
+-- Version: every later migration redefines this with its own version
+------------------------------------------------------------------------------------------------
 
 create or replace function sms.schema_version()
 returns text
 language sql
 immutable
 set search_path = pg_catalog, pg_temp
-as $$ select '20261204000003'::text $$;
+as $$ select '20261205000006'::text $$;
+comment on function sms.schema_version() is 'supabase-aliyun-sms: version of the newest migration applied; /readyz compares it with the sidecar''s own.';
+grant execute on function sms.schema_version() to sms_sidecar, sms_grpc;
+
+-- New functions are PUBLIC's to execute until this (see 20261205000001_schema.sql); the grants stand
+-- beside the functions.
+revoke execute on all functions in schema sms from public;
+
+notify pgrst, 'reload schema';
