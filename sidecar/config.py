@@ -195,10 +195,11 @@ class Config:
     worker: WorkerConfig = WorkerConfig()
     grpc: GrpcConfig = GrpcConfig()
     # Provider sends under way at once, hook and worker together (the hook first: see providers/base.py).
-    max_in_flight: int = 256
+    # Above HTTP_MAX_CONNECTIONS' default, so a burst of hooks (one per connection) finds a slot.
+    max_in_flight: int = 512
     # Slow clients (sidecar/slow_clients.py): seconds for each request to arrive, connections held at once.
     http_request_timeout_seconds: float = 10.0
-    http_max_connections: int = 500  # below the usual soft limit of 1024 file descriptors
+    http_max_connections: int = 500  # serve raises its soft open-files limit to hold these and the provider's
     # `serve` only: processes sharing its port, each the whole sidecar (sidecar/cli.py serve_workers).
     workers: int = 1
 

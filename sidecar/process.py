@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import threading
 import time
@@ -38,6 +39,15 @@ def _loop() -> str:
     return "uvloop"
 
 
+def _open_files_limit(needed: int) -> None:
+    """Raise the soft limit on open files towards what a busy process holds: HTTP connections, the
+    connections to the provider and the database pool. Many hosts and containers start at 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def _announce(config: Config, loop: str, workers: int) -> None:
     from sidecar.slow_clients import HTTP
 
@@ -53,6 +63,7 @@ def serve(config: Config, on_started: Callable[[], None] | None = None) -> None:
     from sidecar.slow_clients import bounded
 
     configure()
+    _open_files_limit(config.http_max_connections + config.max_in_flight + 256)
     _announce(config, loop := _loop(), workers=1)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -81,6 +92,7 @@ def serve_workers(config: Config) -> None:
     import uvicorn
 
     configure()
+    _open_files_limit(config.http_max_connections + config.max_in_flight + 256)  # the workers inherit it
     _announce(config, loop := _loop(), config.workers)
     uvicorn.run(
         "sidecar.app:from_environment", factory=True, workers=config.workers, host=config.host, port=config.port,

@@ -30,7 +30,7 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     worker_id: str = field(default_factory=new_worker_id)
     # Sends under way, hook and worker together; set from config.max_in_flight by lifecycle.running.
-    in_flight: InFlight = field(default_factory=lambda: InFlight(256))
+    in_flight: InFlight = field(default_factory=lambda: InFlight(512))
     store: Store = field(init=False)  # every statement this process runs: see sidecar/store.py
 
     def __post_init__(self) -> None:

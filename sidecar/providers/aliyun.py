@@ -133,7 +133,7 @@ def _none_if_missing(value: Any) -> str | None:
 class AliyunProvider:
     name = "aliyun"
 
-    def __init__(self, config: AliyunConfig, max_connections: int = 256) -> None:
+    def __init__(self, config: AliyunConfig, max_connections: int = 512) -> None:
         self.config = config
         self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
