@@ -131,7 +131,7 @@ create index if not exists codes_expires_idx on sms.codes (expires_at);
 
 create table if not exists sms.outbox (
     id uuid primary key default gen_random_uuid(),
-    code_id uuid unique references sms.codes (id) on delete set null,
+    code_id uuid references sms.codes (id) on delete set null,
     source text not null check (source in ('rpc', 'auth_hook', 'pg_hook', 'grpc')),
     phone text not null,
     purpose text not null,
@@ -164,6 +164,9 @@ comment on column sms.outbox.gotrue_shape is 'Payload shape of the GoTrue event 
 comment on column sms.outbox.requester is 'Who asked for this SMS (user:<uuid>, service, grpc, auth, anon:<address>); the resend cooldown is per phone and requester.';
 comment on column sms.outbox.by_owner is 'False when the requester does not own the number: such sends share the phone''s others_* budget.';
 comment on column sms.outbox.ip_key is 'The client address as the per-IP limit counts it (IPv4 host, IPv6 /64, or invalid/unknown).';
+-- One message per code. Partial: hook messages have no code row, and every status change of a row
+-- rewrites each index it is in (no HOT update), so they skip this one.
+create unique index if not exists outbox_code_id_idx on sms.outbox (code_id) where code_id is not null;
 create index if not exists outbox_queued_idx on sms.outbox (next_attempt_at) where status = 'queued';
 create index if not exists outbox_sending_idx on sms.outbox (lease_until) where status = 'sending';
 -- The per-phone limits and the cooldown (phone and requester) read the few rows of one phone here:
