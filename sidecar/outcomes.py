@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 __all__ = [
-    "BAD_GATEWAY", "BUSY", "CLIENT_ERROR", "CODE_LENGTH_UNSUPPORTED", "CONNECT_FAILED", "DATABASE_UNAVAILABLE",
-    "EMPTY_RESPONSE", "EXPIRED", "NO_INTERNATIONAL_TEMPLATE", "NO_RESPONSE", "NO_TIME_LEFT", "OK", "RECONCILED",
-    "RECONCILE_FAILED", "SHUTDOWN_DURING_SEND", "TEST_NUMBER", "WORKER_ERROR", "Kind", "Outcome", "SendResult",
-    "stored_result",
+    "BAD_GATEWAY", "BUSY", "CLIENT_ERROR", "CODE_LENGTH_UNSUPPORTED", "CONCURRENT_REQUEST", "CONNECT_FAILED",
+    "DATABASE_UNAVAILABLE", "EMPTY_RESPONSE", "EXPIRED", "NO_INTERNATIONAL_TEMPLATE", "NO_RESPONSE", "NO_TIME_LEFT",
+    "OK", "RECONCILED", "RECONCILE_FAILED", "SHUTDOWN_DURING_SEND", "TEST_NUMBER", "WORKER_ERROR", "Kind", "Outcome",
+    "SendResult", "stored_result",
 ]  # fmt: skip
 
 # Written by the sidecar.
@@ -35,6 +35,7 @@ DATABASE_UNAVAILABLE = "DatabaseUnavailable"
 WORKER_ERROR = "WorkerError"  # the provider raised (a bug): the send may have happened
 SHUTDOWN_DURING_SEND = "ShutdownDuringSend"
 # Written by SQL.
+CONCURRENT_REQUEST = "concurrent_request"  # a refusal (503): another transaction held the same limit lock
 EXPIRED = "EXPIRED"  # the code expired before it could be delivered
 TEST_NUMBER = "TEST_NUMBER"  # a number of sms.settings.test_codes: recorded as sent, never texted
 
