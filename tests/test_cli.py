@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Database
-from fake_aliyun import FakeAliyun
-from gotrue import generate_secret
-from servers import free_port, sidecar_url
 
 from sidecar.localpg import PostgresNotFound, find_bindir
-
-AK, AK_SECRET = "LTAI-check-test", "check-test-secret"
+from tests.support.aliyun import AK, AK_SECRET
+from tests.support.database import Database
+from tests.support.fake_aliyun import FakeAliyun
+from tests.support.gotrue import generate_secret
+from tests.support.servers import free_port, sidecar_url
 
 
 def read_until(process: subprocess.Popen[str], marker: str, timeout: float = 60) -> str:
@@ -137,12 +136,6 @@ def check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "ALIYUN_", "SEND_SMS", "SMS_"))}
     return subprocess.run([sys.executable, "-m", "sidecar", "check"], env={**base, **env}, capture_output=True,
                           text=True, timeout=60)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeAliyun]:
-    with FakeAliyun(credentials={AK: AK_SECRET}) as server:
-        yield server
 
 
 def live_env(database: Database, fake: FakeAliyun, **extra: str) -> dict[str, str]:

@@ -33,22 +33,31 @@ import anyio.from_thread
 import httpx
 import psycopg
 import pytest
-from conftest import Database, drain_queue, fresh_phone, without_send_limits
-from fake_aliyun import FakeAliyun
-from gotrue import GoTrueHookCaller, HookResult, generate_secret, go_json, make_metadata, make_user, otp_login
 from hypothesis import HealthCheck, Phase, event, given, settings as fuzz_settings, strategies as st
-from postgrest import SERVICE, Caller, PostgREST, Response, user
-from servers import run_app, sidecar_url
 
 from sidecar.app import create_app
 from sidecar.config import AliyunConfig, Config, WorkerConfig
 from sidecar.hook import MAX_BODY_BYTES
 from sidecar.providers.aliyun import AliyunProvider
 from sidecar.webhook import parse_secrets
+from tests.support.aliyun import AK, AK_SECRET
+from tests.support.builders import fresh_phone, without_send_limits
+from tests.support.database import Database, drain_queue
+from tests.support.fake_aliyun import FakeAliyun
+from tests.support.gotrue import (
+    GoTrueHookCaller,
+    HookResult,
+    generate_secret,
+    go_json,
+    make_metadata,
+    make_user,
+    otp_login,
+)
+from tests.support.postgrest import SERVICE, Caller, PostgREST, Response, user
+from tests.support.servers import run_app, sidecar_url
 
 SECRET = generate_secret()  # the only secret the sidecars here are configured with
 RETIRED = generate_secret()  # rotated out: GoTrue may still hold it, the sidecar no longer does
-AK, AK_SECRET = "LTAI-hostile-key", "hostile-key-secret"
 HOOK = "/hooks/send-sms"
 NEW = (2, 196, 0)  # sends metadata, reads error objects
 OLD = (2, 185, 0)  # no metadata: failures must be non-2xx statuses
@@ -139,12 +148,6 @@ class InProcess:
     def gotrue(self, payload: Any, version: tuple[int, int, int] = NEW, secrets: str = SECRET) -> HookResult:
         caller = GoTrueHookCaller.for_app(self.app, HOOK, secrets, version=version)
         return self.portal.call(caller.call_async, payload)
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeAliyun]:
-    with FakeAliyun(credentials={AK: AK_SECRET}) as server:
-        yield server
 
 
 @pytest.fixture(autouse=True)
