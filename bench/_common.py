@@ -34,7 +34,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import psycopg
 
-# The repository root is on sys.path through the editable install (`pip install -e .`), so the test
+# The repository root is on the import path through the editable install (`pip install -e .`), so the test
 # support package imports like the sidecar does.
 from sidecar import standin
 from sidecar.localpg import LocalCluster as LocalCluster, PostgresNotFound
