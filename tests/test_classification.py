@@ -13,7 +13,7 @@ from sidecar.hook import HTTP_STATUS
 from sidecar.outcomes import Kind, Outcome, SendResult
 from sidecar.providers.aliyun import AliyunProvider
 from sidecar.providers.base import Sms
-from tests.support.aliyun import AK, AK_SECRET
+from tests.support.aliyun import aliyun_config
 from tests.support.fake_aliyun import (
     _MESSAGES,
     BusinessError,
@@ -85,8 +85,7 @@ CASES = {
 
 
 def config(endpoint: str) -> AliyunConfig:
-    return AliyunConfig(access_key_id=AK, access_key_secret=AK_SECRET, sign_name="Sign", template_code="SMS_1",
-                        endpoint=endpoint, protocol="http")  # fmt: skip
+    return aliyun_config(endpoint, sign_name="Sign", template_code="SMS_1")
 
 
 def send(endpoint: str) -> SendResult:

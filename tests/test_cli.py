@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from sidecar.localpg import PostgresNotFound, find_bindir
-from tests.support.aliyun import AK, AK_SECRET
+from tests.support.aliyun import AK_SECRET, aliyun_env
 from tests.support.database import Database
 from tests.support.fake_aliyun import FakeAliyun
 from tests.support.gotrue import generate_secret
@@ -141,8 +141,7 @@ def check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def live_env(database: Database, fake: FakeAliyun, **extra: str) -> dict[str, str]:
     return {
         "DATABASE_URL": sidecar_url(database), "SEND_SMS_HOOK_SECRETS": generate_secret(),
-        "ALIYUN_ACCESS_KEY_ID": AK, "ALIYUN_ACCESS_KEY_SECRET": AK_SECRET, "ALIYUN_SMS_SIGN_NAME": "签名",
-        "ALIYUN_SMS_TEMPLATE_CODE": "SMS_1", "ALIYUN_SMS_ENDPOINT": fake.url, **extra,
+        **aliyun_env(fake, sign="签名", template="SMS_1"), **extra,
     }  # fmt: skip
 
 

@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from sidecar.grpc_api import phonenumberservice_pb2 as pb, phonenumberservice_pb2_grpc as pb_grpc
-from tests.support.aliyun import AK, AK_SECRET, SIGN, TEMPLATE
+from tests.support.aliyun import SIGN, TEMPLATE, aliyun_env
 from tests.support.builders import fresh_phone, without_send_limits
 from tests.support.database import Database, drain_queue
 from tests.support.fake_aliyun import BusinessError, FakeAliyun
@@ -48,11 +48,7 @@ def sidecar_env(database: Database, fake: FakeAliyun, **env: str) -> dict[str, s
     return {
         "DATABASE_URL": sidecar_url(database),
         "SMS_PROVIDER": "aliyun",
-        "ALIYUN_ACCESS_KEY_ID": AK,
-        "ALIYUN_ACCESS_KEY_SECRET": AK_SECRET,
-        "ALIYUN_SMS_SIGN_NAME": SIGN,
-        "ALIYUN_SMS_TEMPLATE_CODE": TEMPLATE,
-        "ALIYUN_SMS_ENDPOINT": fake.url,
+        **aliyun_env(fake),
         "SMS_WORKER_SWEEP_SECONDS": "0.2",
         "SMS_WORKER_BACKOFF_SECONDS": "0",
         "SMS_WORKER_MAX_ATTEMPTS": "50",  # a provider outage keeps the message queued, not failed

@@ -20,7 +20,14 @@ from sidecar.app import create_app
 from sidecar.config import AliyunConfig, Config
 from sidecar.providers.aliyun import AliyunProvider
 from sidecar.webhook import parse_secrets
-from tests.support.aliyun import AK, AK_SECRET, INTL_SIGN, INTL_TEMPLATE, SIGN, TEMPLATE
+from tests.support.aliyun import (
+    AK_SECRET,
+    INTL_SIGN,
+    INTL_TEMPLATE,
+    SIGN,
+    TEMPLATE,
+    aliyun_config as support_aliyun_config,
+)
 from tests.support.builders import fresh_phone
 from tests.support.database import Database, auth_limits_hit, drain_queue
 from tests.support.fake_aliyun import (
@@ -51,10 +58,7 @@ OLD = (2, 185, 0)  # no metadata: error objects would read as success
 
 
 def aliyun_config(endpoint: str) -> AliyunConfig:
-    return AliyunConfig(
-        access_key_id=AK, access_key_secret=AK_SECRET, sign_name=SIGN, template_code=TEMPLATE,
-        intl_sign_name=INTL_SIGN, intl_template_code=INTL_TEMPLATE, endpoint=endpoint, protocol="http",
-    )  # fmt: skip
+    return support_aliyun_config(endpoint, intl_sign_name=INTL_SIGN, intl_template_code=INTL_TEMPLATE)
 
 
 def start(database: Database, endpoint: str, secrets: str = SECRET) -> Any:

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from sidecar.app import create_app
-from sidecar.config import AliyunConfig, Config, WorkerConfig
+from sidecar.config import Config, WorkerConfig
 from sidecar.providers.aliyun import AliyunProvider
-from tests.support.aliyun import AK, AK_SECRET
+from tests.support.aliyun import aliyun_config
 from tests.support.builders import fresh_phone
 from tests.support.database import Database, all_sent, auth_limits_hit, call_hook, drain_queue
 from tests.support.fake_aliyun import FakeAliyun
@@ -118,8 +118,7 @@ def test_only_supabase_auth_admin_may_call_it(database: Database) -> None:
 
 
 def test_the_worker_delivers_what_the_pg_hook_queued(database: Database, fake: FakeAliyun) -> None:
-    aliyun = AliyunConfig(access_key_id=AK, access_key_secret=AK_SECRET, sign_name="签名", template_code="SMS_1",
-                          endpoint=fake.endpoint, protocol="http")  # fmt: skip
+    aliyun = aliyun_config(fake.endpoint, sign_name="签名", template_code="SMS_1")
     config = Config(database_url=sidecar_url(database), hook_secrets=(), provider="aliyun", aliyun=aliyun,
                     worker=WorkerConfig(sweep_seconds=0.2))  # fmt: skip
     phone = fresh_phone()

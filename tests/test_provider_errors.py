@@ -45,7 +45,7 @@ from sidecar.outcomes import SendResult
 from sidecar.providers.aliyun import AliyunProvider
 from sidecar.providers.base import Sms
 from sidecar.webhook import parse_secrets
-from tests.support.aliyun import AK, AK_SECRET, SIGN, TEMPLATE
+from tests.support.aliyun import aliyun_config as support_aliyun_config
 from tests.support.builders import fresh_phone
 from tests.support.database import Database, drain_queue
 from tests.support.fake_aliyun import BusinessError, FakeAliyun, GatewayError, NonJsonError, refused_endpoint
@@ -230,8 +230,7 @@ CASES = [
 
 
 def aliyun_config(endpoint: str, protocol: str) -> AliyunConfig:
-    return AliyunConfig(access_key_id=AK, access_key_secret=AK_SECRET, sign_name=SIGN, template_code=TEMPLATE,
-                        endpoint=endpoint, protocol=protocol)  # fmt: skip
+    return support_aliyun_config(endpoint, protocol=protocol)
 
 
 def sidecar(database: Database, endpoint: str, protocol: str, *, max_attempts: int = 1, worker: bool = True,

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.aliyun import AK, AK_SECRET
+from tests.support.aliyun import aliyun_env
 from tests.support.builders import fresh_phone, without_send_limits
 from tests.support.database import Database, drain_queue
 from tests.support.fake_aliyun import Delay, FakeAliyun
@@ -70,8 +70,7 @@ def test_two_workers_serve_share_the_queue_and_stop_together(
 ) -> None:
     env = {
         "DATABASE_URL": sidecar_url(database), "SEND_SMS_HOOK_SECRETS": SECRET, "SMS_PROVIDER": "aliyun",
-        "ALIYUN_ACCESS_KEY_ID": AK, "ALIYUN_ACCESS_KEY_SECRET": AK_SECRET, "ALIYUN_SMS_SIGN_NAME": "签名",
-        "ALIYUN_SMS_TEMPLATE_CODE": "SMS_1", "ALIYUN_SMS_ENDPOINT": fake.url, "SMS_WORKER_SWEEP_SECONDS": "0.2",
+        **aliyun_env(fake, sign="签名", template="SMS_1"), "SMS_WORKER_SWEEP_SECONDS": "0.2",
         "SMS_WORKER_BACKOFF_SECONDS": "0", "SMS_WORKER_CONCURRENCY": "4",
         "HTTP_MAX_CONNECTIONS": str(CAP), "HTTP_REQUEST_TIMEOUT_SECONDS": str(BOUND),
     }  # fmt: skip

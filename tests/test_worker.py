@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from sidecar.app import create_app
-from sidecar.config import AliyunConfig, Config, WorkerConfig
+from sidecar.config import Config, WorkerConfig
 from sidecar.providers.aliyun import AliyunProvider
-from tests.support.aliyun import AK, AK_SECRET, SIGN, TEMPLATE
+from tests.support.aliyun import aliyun_config, aliyun_env
 from tests.support.builders import fresh_phone, without_send_limits
 from tests.support.database import Database, all_sent, drain_queue
 from tests.support.fake_aliyun import BusinessError, Delay, Drop, FakeAliyun
@@ -32,8 +32,7 @@ def _isolated(fake: FakeAliyun, database: Database, settings: Any) -> None:
 
 
 def in_process(database: Database, fake: FakeAliyun, **worker: Any) -> Any:
-    aliyun = AliyunConfig(access_key_id=AK, access_key_secret=AK_SECRET, sign_name=SIGN, template_code=TEMPLATE,
-                          endpoint=fake.endpoint, protocol="http")  # fmt: skip
+    aliyun = aliyun_config(fake.endpoint)
     config = Config(database_url=sidecar_url(database), hook_secrets=(), provider="aliyun", aliyun=aliyun,
                     worker=WorkerConfig(**{"backoff_seconds": 0.0, "sweep_seconds": 0.2, **worker}))  # fmt: skip
     return run_app(create_app(config, AliyunProvider(aliyun)))
@@ -43,11 +42,7 @@ def process(database: Database, fake: FakeAliyun, **env: str) -> SidecarProcess:
     return SidecarProcess({
         "DATABASE_URL": sidecar_url(database),
         "SMS_PROVIDER": "aliyun",
-        "ALIYUN_ACCESS_KEY_ID": AK,
-        "ALIYUN_ACCESS_KEY_SECRET": AK_SECRET,
-        "ALIYUN_SMS_SIGN_NAME": SIGN,
-        "ALIYUN_SMS_TEMPLATE_CODE": TEMPLATE,
-        "ALIYUN_SMS_ENDPOINT": fake.url,
+        **aliyun_env(fake),
         "SMS_WORKER_SWEEP_SECONDS": "0.2",
         "SMS_WORKER_BACKOFF_SECONDS": "0",
         **env,

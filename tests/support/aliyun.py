@@ -32,6 +32,6 @@ def aliyun_config(endpoint: str, *, protocol: str = "http", **fields: Any) -> Al
 
 def aliyun_env(fake: FakeAliyun, *, sign: str = SIGN, template: str = TEMPLATE) -> dict[str, str]:
     """The ALIYUN_* variables `sms-sidecar` reads for the same account, sending to `fake`."""
-    return {"SMS_PROVIDER": "aliyun", "ALIYUN_ACCESS_KEY_ID": AK, "ALIYUN_ACCESS_KEY_SECRET": AK_SECRET,
+    return {"ALIYUN_ACCESS_KEY_ID": AK, "ALIYUN_ACCESS_KEY_SECRET": AK_SECRET,
             "ALIYUN_SMS_SIGN_NAME": sign, "ALIYUN_SMS_TEMPLATE_CODE": template,
             "ALIYUN_SMS_ENDPOINT": fake.url}  # fmt: skip

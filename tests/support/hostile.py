@@ -1,4 +1,4 @@
-"""What the hostile-input tests (tests/hostile/) share: the sidecar app under attack, in process and
+"""What the hostile-input tests (tests/test_hostile/) share: the sidecar app under attack, in process and
 under uvicorn, GoTrue-style signing, and what every answer to an attacker must look like."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import httpx
 from hypothesis import HealthCheck, Phase, strategies as st
 
 from sidecar.app import create_app
-from sidecar.config import AliyunConfig, Config, WorkerConfig
+from sidecar.config import Config, WorkerConfig
 from sidecar.providers.aliyun import AliyunProvider
 from sidecar.webhook import parse_secrets
-from tests.support.aliyun import AK, AK_SECRET
+from tests.support.aliyun import INTL_SIGN, INTL_TEMPLATE, aliyun_config
 from tests.support.database import Database
 from tests.support.fake_aliyun import FakeAliyun
 from tests.support.gotrue import (
@@ -90,10 +90,7 @@ PURPOSE_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
 
 
 def sidecar_app(database: Database, fake: FakeAliyun, secrets: str = SECRET) -> Any:
-    aliyun = AliyunConfig(
-        access_key_id=AK, access_key_secret=AK_SECRET, sign_name="阿里云短信测试", template_code="SMS_154950909",
-        intl_sign_name="Intl Sign", intl_template_code="SMS_200000001", endpoint=fake.endpoint, protocol="http",
-    )  # fmt: skip
+    aliyun = aliyun_config(fake.endpoint, intl_sign_name=INTL_SIGN, intl_template_code=INTL_TEMPLATE)
     # No delivery worker: the hook sends by itself, and the SQL tests here queue messages nobody must send.
     config = Config(database_url=sidecar_url(database), hook_secrets=parse_secrets(secrets), provider="aliyun",
                     aliyun=aliyun, worker=WorkerConfig(enabled=False))  # fmt: skip
