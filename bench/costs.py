@@ -33,7 +33,6 @@ from typing import Any
 
 import _common as c
 import psycopg
-from gotrue import go_json, make_metadata, make_user, otp_login, sign
 from psycopg.types.json import Jsonb
 
 from sidecar.db import call, create_pool
@@ -42,6 +41,7 @@ from sidecar.metrics import Metrics
 from sidecar.outcomes import SendResult
 from sidecar.providers.base import Sms
 from sidecar.webhook import WebhookVerifier, parse_secrets
+from tests.support.gotrue import go_json, make_metadata, make_user, otp_login, sign
 
 CONCURRENT = 32  # sends gathered at once, each on a connection of the session's pool
 
@@ -321,9 +321,8 @@ def section_c(db: c.BenchDatabase, sizes: list[int]) -> list[list[str]]:
 
 def section_d(fake: c.FakeAliyun) -> list[list[str]]:
     code = f"""\
-import sys, time
-sys.path.insert(0, {str(c.BENCH)!r})
-import _common as c
+import time
+import _common as c  # the child runs in bench/, so _common is on its path
 from sidecar.providers.base import Sms
 p = c.aliyun_provider({fake.endpoint!r})
 async def main() -> None:
@@ -338,7 +337,7 @@ c.event_loop().run_until_complete(main())
 """
     runs: dict[str, list[float]] = {}
     for _ in range(3):
-        out = subprocess.run([c.PYTHON, "-c", code], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([c.PYTHON, "-c", code], cwd=c.BENCH, capture_output=True, text=True, check=True).stdout
         for line in out.splitlines():
             *key, value = line.split()
             runs.setdefault(" ".join(key), []).append(float(value) * 1000)

@@ -12,7 +12,7 @@ answer for the point's provider latency. Points (latency ms, connections): (0, 3
 order. At (0, 32) the framework floor (bench/floor_app.py) runs too, for the targets.
 
 --drip: the fake writes its SendSms answer one byte a second; 100 hooks at once through GoTrue's caller
-(tests/gotrue.py) must each be answered within 4 s, and a normal hook 10 s later must succeed in
+(tests/support/gotrue.py) must each be answered within 4 s, and a normal hook 10 s later must succeed in
 < 200 ms. Each side against a fresh fake.
 
 Targets: sidecar req/s >= 50% of the floor at (0 ms, 32 connections); sidecar p99 <= 25 ms there.
@@ -29,8 +29,9 @@ from collections.abc import Sequence
 
 import _common as c
 import httpx
-from fake_aliyun import FakeAliyun
-from gotrue import GoTrueHookCaller, HookResult
+
+from tests.support.fake_aliyun import FakeAliyun
+from tests.support.gotrue import GoTrueHookCaller, HookResult
 
 LATENCIES_MS = (0, 100, 200)
 CONNECTIONS = (32, 256, 512)

@@ -8,11 +8,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Database, fresh_phone, without_send_limits
-from servers import sidecar_url
 
 from sidecar.batches import Batcher
 from sidecar.db import create_pool
+from tests.support.builders import fresh_phone, without_send_limits
+from tests.support.database import Database
+from tests.support.servers import sidecar_url
 
 
 def event(phone: str, ip: str = "198.51.100.20") -> dict[str, Any]:

@@ -4,11 +4,17 @@ kind of failure, and the status the hook answers GoTrue with (sidecar/outcomes.p
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import pytest
-from fake_aliyun import (
+
+from sidecar.config import AliyunConfig
+from sidecar.hook import HTTP_STATUS
+from sidecar.outcomes import Kind, Outcome, SendResult
+from sidecar.providers.aliyun import AliyunProvider
+from sidecar.providers.base import Sms
+from tests.support.aliyun import aliyun_config
+from tests.support.fake_aliyun import (
     _MESSAGES,
     BusinessError,
     Delay,
@@ -21,13 +27,6 @@ from fake_aliyun import (
     throttling,
 )
 
-from sidecar.config import AliyunConfig
-from sidecar.hook import HTTP_STATUS
-from sidecar.outcomes import Kind, Outcome, SendResult
-from sidecar.providers.aliyun import AliyunProvider
-from sidecar.providers.base import Sms
-
-AK, AK_SECRET = "LTAI-classification", "classification-secret"
 TIMEOUT = 1.0  # the provider's whole-call deadline in these sends
 
 
@@ -85,15 +84,8 @@ CASES = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeAliyun]:
-    with FakeAliyun(credentials={AK: AK_SECRET}) as server:
-        yield server
-
-
 def config(endpoint: str) -> AliyunConfig:
-    return AliyunConfig(access_key_id=AK, access_key_secret=AK_SECRET, sign_name="Sign", template_code="SMS_1",
-                        endpoint=endpoint, protocol="http")  # fmt: skip
+    return aliyun_config(endpoint, sign_name="Sign", template_code="SMS_1")
 
 
 def send(endpoint: str) -> SendResult:

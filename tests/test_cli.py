@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Database
-from fake_aliyun import FakeAliyun
-from gotrue import generate_secret
-from servers import free_port, sidecar_url
 
 from sidecar.localpg import PostgresNotFound, find_bindir
-
-AK, AK_SECRET = "LTAI-check-test", "check-test-secret"
+from tests.support.aliyun import AK_SECRET, aliyun_env
+from tests.support.database import Database
+from tests.support.fake_aliyun import FakeAliyun
+from tests.support.gotrue import generate_secret
+from tests.support.servers import free_port, sidecar_url
 
 
 def read_until(process: subprocess.Popen[str], marker: str, timeout: float = 60) -> str:
@@ -139,17 +138,10 @@ def check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeAliyun]:
-    with FakeAliyun(credentials={AK: AK_SECRET}) as server:
-        yield server
-
-
 def live_env(database: Database, fake: FakeAliyun, **extra: str) -> dict[str, str]:
     return {
         "DATABASE_URL": sidecar_url(database), "SEND_SMS_HOOK_SECRETS": generate_secret(),
-        "ALIYUN_ACCESS_KEY_ID": AK, "ALIYUN_ACCESS_KEY_SECRET": AK_SECRET, "ALIYUN_SMS_SIGN_NAME": "签名",
-        "ALIYUN_SMS_TEMPLATE_CODE": "SMS_1", "ALIYUN_SMS_ENDPOINT": fake.url, **extra,
+        **aliyun_env(fake, sign="签名", template="SMS_1"), **extra,
     }  # fmt: skip
 
 

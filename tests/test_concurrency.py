@@ -7,9 +7,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from conftest import Database
-from postgrest import PostgREST, user
-from test_codes import queued_code, request, verify, wrong
+from tests.support.codes import queued_code, request, verify, wrong
+from tests.support.database import Database
+from tests.support.postgrest import PostgREST, user
 
 
 def all_at_once(n: int, call: Callable[[], Any]) -> list[Any]:

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from gotrue import generate_secret
 
 from sidecar.config import (
     DEFAULT_ENDPOINT,
@@ -20,6 +19,7 @@ from sidecar.config import (
     mask_password,
 )
 from sidecar.logs import mask_phone
+from tests.support.gotrue import generate_secret
 
 SECRET = generate_secret()
 ALIYUN = {

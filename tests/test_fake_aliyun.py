@@ -23,7 +23,8 @@ from alibabacloud_tea_openapi.models import Config
 from alibabacloud_tea_openapi.utils_models import OpenApiRequest, Params
 from darabonba.exceptions import RetryError, UnretryableException
 from darabonba.runtime import RuntimeOptions
-from fake_aliyun import (
+
+from tests.support.fake_aliyun import (
     BusinessError,
     Delay,
     Drop,

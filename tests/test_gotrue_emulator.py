@@ -21,7 +21,14 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from gotrue import (
+from standardwebhooks import Webhook
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from sidecar.webhook import WebhookVerifier, parse_secrets
+from tests.support.gotrue import (
     DEFAULT_VERSION,
     MFA_FAILURE,
     GoTrueHookCaller,
@@ -43,13 +50,6 @@ from gotrue import (
     sign,
     split_secrets,
 )
-from standardwebhooks import Webhook
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
-
-from sidecar.webhook import WebhookVerifier, parse_secrets
 
 SECRET = "v1,whsec_" + base64.b64encode(b"k" * 32).decode()
 OTHER_SECRET = "v1,whsec_" + base64.b64encode(b"o" * 32).decode()

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import Database
-from postgrest import ANON, SERVICE, Caller, PostgREST, user
 
 from sidecar import store
+from tests.support.database import Database
+from tests.support.postgrest import ANON, SERVICE, Caller, PostgREST, user
 
 API_ROLES = ("anon", "authenticated", "service_role")
 WRAPPERS = {

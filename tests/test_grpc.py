@@ -22,43 +22,33 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import Database, drain_queue, fresh_phone, without_send_limits
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from fake_aliyun import BusinessError, FakeAliyun
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from servers import SidecarProcess, free_port, port_open, sidecar_url
 
 from sidecar.grpc_api import phonenumberservice_pb2 as pb, phonenumberservice_pb2_grpc as pb_grpc
+from tests.support.aliyun import SIGN, TEMPLATE, aliyun_env
+from tests.support.builders import fresh_phone, without_send_limits
+from tests.support.database import Database, drain_queue
+from tests.support.fake_aliyun import BusinessError, FakeAliyun
+from tests.support.servers import SidecarProcess, free_port, port_open, sidecar_url
 
-AK, AK_SECRET = "LTAI-grpc-test", "grpc-test-secret"
-SIGN, TEMPLATE = "阿里云短信测试", "SMS_154950909"
 TOKEN = "grpc-test-token-5f1c0e9a7b3d"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 SERVICE = "phonenumberservice.PhoneNumberService"
 PROTO = Path(__file__).resolve().parents[1] / "sidecar" / "grpc_api" / "phonenumberservice.proto"
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeAliyun]:
-    with FakeAliyun(credentials={AK: AK_SECRET}) as server:
-        yield server
-
-
 def sidecar_env(database: Database, fake: FakeAliyun, **env: str) -> dict[str, str]:
     return {
         "DATABASE_URL": sidecar_url(database),
         "SMS_PROVIDER": "aliyun",
-        "ALIYUN_ACCESS_KEY_ID": AK,
-        "ALIYUN_ACCESS_KEY_SECRET": AK_SECRET,
-        "ALIYUN_SMS_SIGN_NAME": SIGN,
-        "ALIYUN_SMS_TEMPLATE_CODE": TEMPLATE,
-        "ALIYUN_SMS_ENDPOINT": fake.url,
+        **aliyun_env(fake),
         "SMS_WORKER_SWEEP_SECONDS": "0.2",
         "SMS_WORKER_BACKOFF_SECONDS": "0",
         "SMS_WORKER_MAX_ATTEMPTS": "50",  # a provider outage keeps the message queued, not failed

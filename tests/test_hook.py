@@ -15,9 +15,31 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Database, auth_limits_hit, drain_queue, fresh_phone
-from fake_aliyun import BusinessError, Delay, Drop, FakeAliyun, GatewayError, flow_control, refused_endpoint
-from gotrue import (
+
+from sidecar.app import create_app
+from sidecar.config import AliyunConfig, Config
+from sidecar.providers.aliyun import AliyunProvider
+from sidecar.webhook import parse_secrets
+from tests.support.aliyun import (
+    AK_SECRET,
+    INTL_SIGN,
+    INTL_TEMPLATE,
+    SIGN,
+    TEMPLATE,
+    aliyun_config as support_aliyun_config,
+)
+from tests.support.builders import fresh_phone
+from tests.support.database import Database, auth_limits_hit, drain_queue
+from tests.support.fake_aliyun import (
+    BusinessError,
+    Delay,
+    Drop,
+    FakeAliyun,
+    GatewayError,
+    flow_control,
+    refused_endpoint,
+)
+from tests.support.gotrue import (
     GoTrueHookCaller,
     generate_secret,
     go_json,
@@ -27,33 +49,16 @@ from gotrue import (
     phone_change,
     sign,
 )
-from servers import run_app, sidecar_url
-
-from sidecar.app import create_app
-from sidecar.config import AliyunConfig, Config
-from sidecar.providers.aliyun import AliyunProvider
-from sidecar.webhook import parse_secrets
+from tests.support.servers import run_app, sidecar_url
 
 SECRET = generate_secret()
 OTHER_SECRET = generate_secret()
-AK, AK_SECRET = "LTAI-test-key", "test-key-secret"
-SIGN, TEMPLATE = "阿里云短信测试", "SMS_154950909"
-INTL_SIGN, INTL_TEMPLATE = "Intl Sign", "SMS_200000001"
 NEW = (2, 196, 0)  # sends metadata and honours error objects
 OLD = (2, 185, 0)  # no metadata: error objects would read as success
 
 
 def aliyun_config(endpoint: str) -> AliyunConfig:
-    return AliyunConfig(
-        access_key_id=AK, access_key_secret=AK_SECRET, sign_name=SIGN, template_code=TEMPLATE,
-        intl_sign_name=INTL_SIGN, intl_template_code=INTL_TEMPLATE, endpoint=endpoint, protocol="http",
-    )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeAliyun]:
-    with FakeAliyun(credentials={AK: AK_SECRET}) as server:
-        yield server
+    return support_aliyun_config(endpoint, intl_sign_name=INTL_SIGN, intl_template_code=INTL_TEMPLATE)
 
 
 def start(database: Database, endpoint: str, secrets: str = SECRET) -> Any:

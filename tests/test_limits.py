@@ -6,8 +6,9 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from conftest import Database, fresh_phone
-from postgrest import SERVICE, Caller, PostgREST, Response, user
+from tests.support.builders import fresh_phone
+from tests.support.database import Database
+from tests.support.postgrest import SERVICE, Caller, PostgREST, Response, user
 
 
 def ask(api: PostgREST, phone: str, caller: Caller) -> Response:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import Database, run_migrate
 from psycopg import sql
 
 from sidecar import standin
 from sidecar.migrate import bundled
+from tests.support.database import Database, run_migrate
 
 
 @pytest.fixture

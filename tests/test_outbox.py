@@ -9,9 +9,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Database, drain_queue, fresh_phone
-from postgrest import SERVICE, PostgREST
 from psycopg.rows import dict_row
+
+from tests.support.builders import fresh_phone
+from tests.support.database import Database, drain_queue
+from tests.support.postgrest import SERVICE, PostgREST
 
 
 @pytest.fixture

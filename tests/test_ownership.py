@@ -17,10 +17,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Database, fresh_phone
-from gotrue import go_json, make_metadata, otp_login
-from postgrest import ANON, SERVICE, Caller, PostgREST, Response, user
-from test_pg_hook import call_hook
+
+from tests.support.builders import fresh_phone
+from tests.support.database import Database, call_hook
+from tests.support.gotrue import go_json, make_metadata, otp_login
+from tests.support.postgrest import ANON, SERVICE, Caller, PostgREST, Response, user
 
 
 def ask(api: PostgREST, phone: str, caller: Caller) -> Response:

@@ -5,33 +5,19 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 import pytest
-from conftest import Database, auth_limits_hit, drain_queue, fresh_phone
-from fake_aliyun import FakeAliyun
-from gotrue import go_json, make_metadata, mfa_challenge, otp_login, phone_change
-from servers import run_app, sidecar_url
-from test_worker import AK, AK_SECRET, all_sent, wait_until
 
 from sidecar.app import create_app
-from sidecar.config import AliyunConfig, Config, WorkerConfig
+from sidecar.config import Config, WorkerConfig
 from sidecar.providers.aliyun import AliyunProvider
-
-
-def call_hook(database: Database, body: bytes) -> Any:
-    """One GoTrue phone-flow transaction: the hook's writes commit only if GoTrue succeeds."""
-    with psycopg.connect(database.url) as conn:
-        conn.execute("set role supabase_auth_admin")
-        conn.execute("set local statement_timeout to '2000'")
-        # GoTrue's query, with its $1 placeholder and the hook body as the text of that parameter.
-        with psycopg.RawCursor(conn) as cur:
-            (result,) = cur.execute('select "sms"."send_sms_hook"($1)', [body.decode()]).fetchone()  # type: ignore[misc]
-        if "error" not in result:
-            conn.commit()
-        return result
+from tests.support.aliyun import aliyun_config
+from tests.support.builders import fresh_phone
+from tests.support.database import Database, all_sent, auth_limits_hit, call_hook, drain_queue
+from tests.support.fake_aliyun import FakeAliyun
+from tests.support.gotrue import go_json, make_metadata, mfa_challenge, otp_login, phone_change
+from tests.support.servers import run_app, sidecar_url, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -131,15 +117,8 @@ def test_only_supabase_auth_admin_may_call_it(database: Database) -> None:
     assert database.one("select has_function_privilege('supabase_auth_admin', 'sms.send_sms_hook(jsonb)', 'execute')")
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeAliyun]:
-    with FakeAliyun(credentials={AK: AK_SECRET}) as server:
-        yield server
-
-
 def test_the_worker_delivers_what_the_pg_hook_queued(database: Database, fake: FakeAliyun) -> None:
-    aliyun = AliyunConfig(access_key_id=AK, access_key_secret=AK_SECRET, sign_name="签名", template_code="SMS_1",
-                          endpoint=fake.endpoint, protocol="http")  # fmt: skip
+    aliyun = aliyun_config(fake.endpoint, sign_name="签名", template_code="SMS_1")
     config = Config(database_url=sidecar_url(database), hook_secrets=(), provider="aliyun", aliyun=aliyun,
                     worker=WorkerConfig(sweep_seconds=0.2))  # fmt: skip
     phone = fresh_phone()

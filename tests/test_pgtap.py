@@ -10,9 +10,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import Database
 
 from sidecar.localpg import PostgresNotFound, find_bindir
+from tests.support.database import Database
 
 SUITE = sorted((Path(__file__).resolve().parent.parent / "supabase" / "tests" / "database").glob("*.sql"))
 

@@ -32,15 +32,10 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from conftest import Database, drain_queue, fresh_phone
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from fake_aliyun import BusinessError, FakeAliyun, GatewayError, NonJsonError, refused_endpoint
-from gotrue import GoTrueHookCaller, generate_secret, otp_login
-from postgrest import PostgREST, user
-from servers import free_port, run_app, sidecar_url
 
 from sidecar.app import create_app
 from sidecar.config import AliyunConfig, Config, GrpcConfig, WorkerConfig
@@ -50,9 +45,14 @@ from sidecar.outcomes import SendResult
 from sidecar.providers.aliyun import AliyunProvider
 from sidecar.providers.base import Sms
 from sidecar.webhook import parse_secrets
+from tests.support.aliyun import aliyun_config as support_aliyun_config
+from tests.support.builders import fresh_phone
+from tests.support.database import Database, drain_queue
+from tests.support.fake_aliyun import BusinessError, FakeAliyun, GatewayError, NonJsonError, refused_endpoint
+from tests.support.gotrue import GoTrueHookCaller, generate_secret, otp_login
+from tests.support.postgrest import PostgREST, user
+from tests.support.servers import free_port, run_app, sidecar_url, wait_until
 
-AK, AK_SECRET = "LTAI-errors-test", "errors-test-secret"
-SIGN, TEMPLATE = "阿里云短信测试", "SMS_154950909"
 HOOK_SECRET = generate_secret()
 GRPC_TOKEN = "errors-test-token-3b9f61c2d8"
 # What an SDK error text carries besides the number and the code: the query string.
@@ -230,8 +230,7 @@ CASES = [
 
 
 def aliyun_config(endpoint: str, protocol: str) -> AliyunConfig:
-    return AliyunConfig(access_key_id=AK, access_key_secret=AK_SECRET, sign_name=SIGN, template_code=TEMPLATE,
-                        endpoint=endpoint, protocol=protocol)  # fmt: skip
+    return support_aliyun_config(endpoint, protocol=protocol)
 
 
 def sidecar(database: Database, endpoint: str, protocol: str, *, max_attempts: int = 1, worker: bool = True,
@@ -243,14 +242,6 @@ def sidecar(database: Database, endpoint: str, protocol: str, *, max_attempts: i
         grpc=GrpcConfig(port=grpc_port, auth_token=GRPC_TOKEN),
     )  # fmt: skip
     return run_app(create_app(config, provider(aliyun)))
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def message_row(database: Database, phone: str) -> dict[str, Any]:
@@ -404,12 +395,6 @@ def test_a_code_that_failed_for_good_is_erased_everywhere(api: PostgREST, databa
 
 
 # --- Aliyun's own refusals: kept, without request echo, capped ---------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeAliyun]:
-    with FakeAliyun(credentials={AK: AK_SECRET}) as server:
-        yield server
 
 
 def test_aliyun_messages_are_kept_but_never_echo_the_request(

@@ -7,13 +7,14 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Database, drain_queue, fresh_phone, without_send_limits
-from postgrest import SERVICE, PostgREST
-from servers import sidecar_url
 
 from sidecar.db import create_pool
 from sidecar.outcomes import Outcome, SendResult
 from sidecar.store import Finished, ResultWriter
+from tests.support.builders import fresh_phone, without_send_limits
+from tests.support.database import Database, drain_queue
+from tests.support.postgrest import SERVICE, PostgREST
+from tests.support.servers import sidecar_url
 
 
 def claimed(api: PostgREST, database: Database, count: int) -> list[int]:

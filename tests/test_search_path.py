@@ -18,8 +18,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Database, fresh_phone
 from psycopg import sql
+
+from tests.support.builders import fresh_phone
+from tests.support.database import Database
 
 MIGRATIONS = sorted((Path(__file__).resolve().parent.parent / "supabase" / "migrations").glob("*.sql"))
 # Every built-in type the migrations name by a plain identifier (the last test keeps this complete).

@@ -17,16 +17,15 @@ from typing import Any
 
 import httpx
 import pytest
-import test_worker
-from conftest import Database, fresh_phone
-from fake_aliyun import Delay, FakeAliyun
-from gotrue import GoTrueHookCaller, generate_secret, otp_login
-from postgrest import SERVICE, PostgREST
-from servers import SidecarProcess, free_port, sidecar_url
 
-AK, AK_SECRET = test_worker.AK, test_worker.AK_SECRET
-# The delivery worker tests' fake Aliyun and clean slate, as fixtures of this module too.
-fake, _isolated = test_worker.fake, test_worker._isolated
+from tests.support.aliyun import aliyun_env
+from tests.support.builders import fresh_phone, without_send_limits
+from tests.support.database import Database, drain_queue
+from tests.support.fake_aliyun import Delay, FakeAliyun
+from tests.support.gotrue import GoTrueHookCaller, generate_secret, otp_login
+from tests.support.postgrest import SERVICE, PostgREST
+from tests.support.servers import SidecarProcess, free_port, sidecar_url, wait_until
+
 SECRET = generate_secret()
 CAP = 3  # HTTP_MAX_CONNECTIONS, per worker
 BOUND = 2.5  # HTTP_REQUEST_TIMEOUT_SECONDS
@@ -34,16 +33,16 @@ BOUND = 2.5  # HTTP_REQUEST_TIMEOUT_SECONDS
 SCRIPT = str(Path(sys.executable).with_name("sms-sidecar"))
 
 
+@pytest.fixture(autouse=True)
+def _isolated(fake: FakeAliyun, database: Database, settings: Any) -> None:
+    fake.reset()
+    drain_queue(database)
+    without_send_limits(settings)
+
+
 def log_lines(sidecar: SidecarProcess, message: str) -> list[dict[str, Any]]:
     lines = [json.loads(line) for line in sidecar.output().splitlines() if line.startswith("{")]
     return [line for line in lines if line["message"] == message]
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def first_answers(socks: list[socket.socket], timeout: float = BOUND + 5) -> list[tuple[float, bytes]]:
@@ -71,8 +70,7 @@ def test_two_workers_serve_share_the_queue_and_stop_together(
 ) -> None:
     env = {
         "DATABASE_URL": sidecar_url(database), "SEND_SMS_HOOK_SECRETS": SECRET, "SMS_PROVIDER": "aliyun",
-        "ALIYUN_ACCESS_KEY_ID": AK, "ALIYUN_ACCESS_KEY_SECRET": AK_SECRET, "ALIYUN_SMS_SIGN_NAME": "签名",
-        "ALIYUN_SMS_TEMPLATE_CODE": "SMS_1", "ALIYUN_SMS_ENDPOINT": fake.url, "SMS_WORKER_SWEEP_SECONDS": "0.2",
+        **aliyun_env(fake, sign="签名", template="SMS_1"), "SMS_WORKER_SWEEP_SECONDS": "0.2",
         "SMS_WORKER_BACKOFF_SECONDS": "0", "SMS_WORKER_CONCURRENCY": "4",
         "HTTP_MAX_CONNECTIONS": str(CAP), "HTTP_REQUEST_TIMEOUT_SECONDS": str(BOUND),
     }  # fmt: skip

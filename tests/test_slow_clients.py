@@ -21,10 +21,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import Database
-from servers import SidecarProcess, sidecar_url
 
 from sidecar.config import Config, ConfigError
+from tests.support.database import Database
+from tests.support.servers import SidecarProcess, sidecar_url
 
 BOUND = 2.5  # HTTP_REQUEST_TIMEOUT_SECONDS; above the hook's own 2 s body timeout, so its 408 comes first
 CAP = 20  # HTTP_MAX_CONNECTIONS

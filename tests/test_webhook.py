@@ -11,12 +11,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
-from gotrue import generate_secret, go_base64_decode, go_json, otp_login, sign
 from hypothesis import HealthCheck, given, settings, strategies as st
 from standardwebhooks.webhooks import Webhook
 from starlette.datastructures import Headers
 
 from sidecar.webhook import WebhookSecretError, WebhookVerificationError, WebhookVerifier, parse_secrets
+from tests.support.gotrue import generate_secret, go_base64_decode, go_json, otp_login, sign
 
 # The library reads the wall clock itself, so timestamps are relative to it; offsets stay 10 s clear
 # of the ±300 s bounds so that a slow machine cannot move an example across one.

@@ -8,28 +8,20 @@ import signal
 import statistics
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from conftest import Database, drain_queue, fresh_phone, without_send_limits
-from fake_aliyun import BusinessError, Delay, Drop, FakeAliyun
-from postgrest import SERVICE, PostgREST
-from servers import SidecarProcess, run_app, sidecar_url
 
 from sidecar.app import create_app
-from sidecar.config import AliyunConfig, Config, WorkerConfig
+from sidecar.config import Config, WorkerConfig
 from sidecar.providers.aliyun import AliyunProvider
-
-AK, AK_SECRET = "LTAI-worker-test", "worker-test-secret"
-SIGN, TEMPLATE = "阿里云短信测试", "SMS_154950909"
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeAliyun]:
-    with FakeAliyun(credentials={AK: AK_SECRET}) as server:
-        yield server
+from tests.support.aliyun import aliyun_config, aliyun_env
+from tests.support.builders import fresh_phone, without_send_limits
+from tests.support.database import Database, all_sent, drain_queue
+from tests.support.fake_aliyun import BusinessError, Delay, Drop, FakeAliyun
+from tests.support.postgrest import SERVICE, PostgREST
+from tests.support.servers import SidecarProcess, run_app, sidecar_url, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -40,8 +32,7 @@ def _isolated(fake: FakeAliyun, database: Database, settings: Any) -> None:
 
 
 def in_process(database: Database, fake: FakeAliyun, **worker: Any) -> Any:
-    aliyun = AliyunConfig(access_key_id=AK, access_key_secret=AK_SECRET, sign_name=SIGN, template_code=TEMPLATE,
-                          endpoint=fake.endpoint, protocol="http")  # fmt: skip
+    aliyun = aliyun_config(fake.endpoint)
     config = Config(database_url=sidecar_url(database), hook_secrets=(), provider="aliyun", aliyun=aliyun,
                     worker=WorkerConfig(**{"backoff_seconds": 0.0, "sweep_seconds": 0.2, **worker}))  # fmt: skip
     return run_app(create_app(config, AliyunProvider(aliyun)))
@@ -51,11 +42,7 @@ def process(database: Database, fake: FakeAliyun, **env: str) -> SidecarProcess:
     return SidecarProcess({
         "DATABASE_URL": sidecar_url(database),
         "SMS_PROVIDER": "aliyun",
-        "ALIYUN_ACCESS_KEY_ID": AK,
-        "ALIYUN_ACCESS_KEY_SECRET": AK_SECRET,
-        "ALIYUN_SMS_SIGN_NAME": SIGN,
-        "ALIYUN_SMS_TEMPLATE_CODE": TEMPLATE,
-        "ALIYUN_SMS_ENDPOINT": fake.url,
+        **aliyun_env(fake),
         "SMS_WORKER_SWEEP_SECONDS": "0.2",
         "SMS_WORKER_BACKOFF_SECONDS": "0",
         **env,
@@ -70,23 +57,10 @@ def enqueue(api: PostgREST, count: int) -> list[str]:
     return phones
 
 
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def assert_each_sent_once(fake: FakeAliyun, phones: list[str]) -> None:
     counts = Counter("86" + s.phone_numbers for s in fake.sends)
     assert set(counts) == set(phones), f"missing {len(set(phones) - set(counts))}"
     assert counts.most_common(1)[0][1] == 1, counts.most_common(3)
-
-
-def all_sent(database: Database, phones: list[str]) -> bool:
-    done = database.one("select count(*) from sms.outbox where phone = any(%s) and status = 'sent'", [phones])
-    return bool(done == len(phones))
 
 
 def test_a_requested_code_reaches_aliyun_in_milliseconds(api: PostgREST, database: Database, fake: FakeAliyun) -> None:

@@ -18,7 +18,8 @@ from typing import Any
 import httpx
 import psycopg
 import uvicorn
-from conftest import Database
+
+from tests.support.database import Database
 
 SIDECAR_PASSWORD = "sidecar-test-password"
 
@@ -124,3 +125,11 @@ class SidecarProcess:
             self.kill(signal.SIGTERM)
         self.log.close()
         os.unlink(self.log.name)
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -1,0 +1,37 @@
+"""The Alibaba Cloud side of a test: one account, the `fake` fixture serving it, and the sidecar's
+configuration (in process) and environment (out of process) pointing at that fake."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from sidecar.config import AliyunConfig
+from tests.support.fake_aliyun import FakeAliyun
+
+AK, AK_SECRET = "LTAI-test-key", "test-key-secret"
+SIGN, TEMPLATE = "阿里云短信测试", "SMS_154950909"
+INTL_SIGN, INTL_TEMPLATE = "Intl Sign", "SMS_200000001"
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeAliyun]:
+    """One fake Aliyun per test module, accepting only AK/AK_SECRET; modules reset it between tests."""
+    with FakeAliyun(credentials={AK: AK_SECRET}) as server:
+        yield server
+
+
+def aliyun_config(endpoint: str, *, protocol: str = "http", **fields: Any) -> AliyunConfig:
+    """The account above at `endpoint`; `fields` override the sign name, template and the rest."""
+    values: dict[str, Any] = {"access_key_id": AK, "access_key_secret": AK_SECRET, "sign_name": SIGN,
+                              "template_code": TEMPLATE, **fields}  # fmt: skip
+    return AliyunConfig(endpoint=endpoint, protocol=protocol, **values)
+
+
+def aliyun_env(fake: FakeAliyun, *, sign: str = SIGN, template: str = TEMPLATE) -> dict[str, str]:
+    """The ALIYUN_* variables `sms-sidecar` reads for the same account, sending to `fake`."""
+    return {"ALIYUN_ACCESS_KEY_ID": AK, "ALIYUN_ACCESS_KEY_SECRET": AK_SECRET,
+            "ALIYUN_SMS_SIGN_NAME": sign, "ALIYUN_SMS_TEMPLATE_CODE": template,
+            "ALIYUN_SMS_ENDPOINT": fake.url}  # fmt: skip
