@@ -15,13 +15,14 @@ import time
 from typing import Any
 
 import psycopg
-from conftest import Database, fresh_phone, without_send_limits
-from gotrue import GoTrueHookCaller, generate_secret, make_metadata, make_user, otp_login
-from servers import run_app, sidecar_url
 
 from sidecar.app import create_app
 from sidecar.config import Config
 from sidecar.webhook import parse_secrets
+from tests.support.builders import fresh_phone, without_send_limits
+from tests.support.database import Database
+from tests.support.gotrue import GoTrueHookCaller, generate_secret, make_metadata, make_user, otp_login
+from tests.support.servers import run_app, sidecar_url
 
 SECRET = generate_secret()
 # A limit lock as sms._enforce_send_limits takes it.
