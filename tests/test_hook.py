@@ -48,6 +48,7 @@ from tests.support.gotrue import (
     otp_login,
     phone_change,
     sign,
+    signed_headers,
 )
 from tests.support.servers import run_app, sidecar_url
 
@@ -202,14 +203,9 @@ def post(base: str, body: bytes, headers: dict[str, str], path: str = "/hooks/se
     return httpx.post(base + path, content=body, headers={"content-type": "application/json", **headers}, timeout=10)
 
 
-def signed_headers(body: bytes, secret: str = SECRET) -> dict[str, str]:
-    msg_id, ts = str(uuid.uuid4()), int(time.time())
-    return {"webhook-id": msg_id, "webhook-timestamp": str(ts), "webhook-signature": sign([secret], msg_id, ts, body)}
-
-
 def test_oversized_bodies_get_413(sidecar: str, fake: FakeAliyun) -> None:
     body = b'{"padding": "' + b"x" * 70_000 + b'"}'
-    response = post(sidecar, body, signed_headers(body))
+    response = post(sidecar, body, signed_headers(body, SECRET))
     assert response.status_code == 413 and fake.requests_seen == 0
 
 
@@ -226,7 +222,7 @@ def test_oversized_bodies_get_413(sidecar: str, fake: FakeAliyun) -> None:
 )
 def test_malformed_payloads_are_refused_clearly(sidecar: str, fake: FakeAliyun, payload: Any) -> None:
     body = json.dumps(payload).encode()
-    response = post(sidecar, body, signed_headers(body))
+    response = post(sidecar, body, signed_headers(body, SECRET))
     assert response.status_code == 400
     assert response.json()["error"]["http_code"] == 400 and response.json()["error"]["message"]
     with_metadata = {"metadata": make_metadata(), **payload} if isinstance(payload, dict) else None
@@ -238,7 +234,7 @@ def test_malformed_payloads_are_refused_clearly(sidecar: str, fake: FakeAliyun, 
 
 def test_non_json_is_400(sidecar: str) -> None:
     body = b"not json"
-    assert post(sidecar, body, signed_headers(body)).status_code == 400
+    assert post(sidecar, body, signed_headers(body, SECRET)).status_code == 400
 
 
 def test_the_original_deno_path_is_served_too(sidecar: str, fake: FakeAliyun) -> None:
@@ -253,8 +249,8 @@ def test_the_original_deno_path_is_served_too(sidecar: str, fake: FakeAliyun) ->
 def test_a_retried_event_sends_one_sms(sidecar: str, fake: FakeAliyun) -> None:
     caller = gotrue(sidecar, OLD)
     body = caller.encode(otp_login(OLD, phone=fresh_phone()))
-    first = post(sidecar, body, signed_headers(body))
-    second = post(sidecar, body, signed_headers(body))  # GoTrue: new webhook-id, same bytes
+    first = post(sidecar, body, signed_headers(body, SECRET))
+    second = post(sidecar, body, signed_headers(body, SECRET))  # GoTrue: new webhook-id, same bytes
     assert (first.status_code, first.json(), second.status_code, second.json()) == (200, {}, 200, {})
     time.sleep(0.2)
     assert len(fake.sends) == 1
@@ -275,7 +271,7 @@ def test_concurrent_duplicates_send_once(sidecar: str, fake: FakeAliyun) -> None
     results: list[httpx.Response] = []
 
     def fire() -> None:
-        results.append(post(sidecar, body, signed_headers(body)))
+        results.append(post(sidecar, body, signed_headers(body, SECRET)))
 
     threads = [threading.Thread(target=fire) for _ in range(5)]
     for t in threads:
@@ -289,8 +285,8 @@ def test_concurrent_duplicates_send_once(sidecar: str, fake: FakeAliyun) -> None
 def test_a_failed_event_retried_fails_again_without_sending(sidecar: str, fake: FakeAliyun) -> None:
     fake.fail_next(BusinessError("isv.MOBILE_NUMBER_ILLEGAL"))
     body = gotrue(sidecar).encode(otp_login(NEW, phone=fresh_phone()))
-    first = post(sidecar, body, signed_headers(body)).json()
-    second = post(sidecar, body, signed_headers(body)).json()
+    first = post(sidecar, body, signed_headers(body, SECRET)).json()
+    second = post(sidecar, body, signed_headers(body, SECRET)).json()
     assert first["error"]["http_code"] == second["error"]["http_code"] == 400
     assert fake.requests_seen == 1
 

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from tests.support.builders import fresh_phone
+from tests.support.codes import wrong
 from tests.support.database import Database, call_hook
 from tests.support.gotrue import go_json, make_metadata, otp_login
 from tests.support.postgrest import ANON, SERVICE, Caller, PostgREST, Response, user
@@ -38,10 +39,6 @@ def code_of(database: Database, response: Response) -> str:
     assert response.status == 200, response.body
     code: str = database.one("select code from sms.outbox where code_id = %s", [response.body["request_id"]])
     return code
-
-
-def wrong(code: str) -> str:
-    return f"{(int(code) + 1) % 10 ** len(code):0{len(code)}d}"
 
 
 def limits_hit(response: Response) -> list[str]:

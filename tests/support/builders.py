@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import uuid
 from typing import Any
 
 import pytest
@@ -24,7 +23,3 @@ def fresh_phone() -> str:
 @pytest.fixture
 def phone() -> str:
     return fresh_phone()
-
-
-def new_uid() -> str:
-    return str(uuid.uuid4())

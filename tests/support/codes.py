@@ -14,6 +14,10 @@ def request(api: PostgREST, phone: str, caller: Caller, purpose: str | None = No
     return body
 
 
+def request_id(api: PostgREST, phone: str, caller: Caller, purpose: str | None = None) -> str:
+    return str(request(api, phone, caller, purpose)["request_id"])
+
+
 def verify(api: PostgREST, phone: str, code: str, caller: Caller, purpose: str = "default") -> dict[str, object]:
     response = api.rpc("verify_phone_code", {"phone": phone, "code": code, "purpose": purpose}, caller)
     assert response.status == 200, response.body
@@ -26,5 +30,6 @@ def queued_code(db: Database, request_id: object) -> str:
     return code
 
 
-def wrong(code: str) -> str:
-    return f"{(int(code) + 1) % 10 ** len(code):0{len(code)}d}"
+def wrong(code: str, delta: int = 1) -> str:
+    """Another code of the same length."""
+    return f"{(int(code) + delta) % 10 ** len(code):0{len(code)}d}"

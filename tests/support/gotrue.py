@@ -489,6 +489,16 @@ def sign(secrets: Sequence[str], msg_id: str, timestamp: int, body: bytes) -> st
     return ", ".join(signatures)
 
 
+def signed_headers(
+    body: bytes, secrets: str, msg_id: str | None = None, timestamp: int | None = None
+) -> dict[str, str]:
+    """The webhook-* headers GoTrue sends with `body`: a new id and now, unless given."""
+    msg_id = msg_id or str(uuid.uuid4())
+    ts = int(time.time()) if timestamp is None else timestamp
+    return {"webhook-id": msg_id, "webhook-timestamp": str(ts),
+            "webhook-signature": sign(split_secrets(secrets), msg_id, ts, body)}  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------------
 # Go's reading of the response: mime.ParseMediaType and json.Unmarshal
 

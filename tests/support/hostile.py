@@ -8,8 +8,6 @@ import hashlib
 import hmac
 import json
 import re
-import time
-import uuid
 from typing import Any
 
 import anyio.from_thread
@@ -27,6 +25,7 @@ from tests.support.gotrue import (
     GoTrueHookCaller,
     HookResult,
     generate_secret,
+    signed_headers,
 )
 from tests.support.postgrest import Caller, PostgREST, Response
 from tests.support.servers import sidecar_url
@@ -119,18 +118,14 @@ class InProcess:
 
 
 def hmac_b64(key: bytes, msg_id: bytes, timestamp: bytes, body: bytes) -> str:
+    """A signature over any bytes, for forged headers GoTrue never sends (see test_hook_headers)."""
     return base64.b64encode(hmac.new(key, msg_id + b"." + timestamp + b"." + body, hashlib.sha256).digest()).decode()
 
 
 def signed(
     body: bytes, secret: str = SECRET, msg_id: str | None = None, timestamp: int | None = None
 ) -> dict[str, str]:
-    msg_id = msg_id or str(uuid.uuid4())
-    ts = str(int(time.time()) if timestamp is None else timestamp)
-    (key,) = parse_secrets(secret)
-    signature = "v1," + hmac_b64(key, msg_id.encode(), ts.encode(), body)
-    return {"content-type": "application/json", "webhook-id": msg_id, "webhook-timestamp": ts,
-            "webhook-signature": signature}  # fmt: skip
+    return {"content-type": "application/json", **signed_headers(body, secret, msg_id, timestamp)}
 
 
 def answer_kind(response: httpx.Response) -> str:

@@ -8,30 +8,19 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from tests.support.builders import fresh_phone, without_send_limits
+from tests.support.codes import queued_code, request_id, verify, wrong
 from tests.support.database import Database
-from tests.support.hostile import ask
-from tests.support.postgrest import SERVICE, Caller, PostgREST, user
+from tests.support.postgrest import SERVICE, PostgREST, user
 
 # --------------------------------------------------------------------------------------------------
 # Enumeration
 
 
-def request(api: PostgREST, phone: str, caller: Caller, purpose: str = "default") -> str:
-    response = ask(api, phone, caller, purpose)
-    assert response.status == 200, response.body
-    return str(response.body["request_id"])
-
-
-def queued_code(database: Database, request_id: str) -> str:
-    code: str = database.one("select code from sms.outbox where code_id = %s", [request_id])
-    return code
-
-
 def test_status_of_other_users_requests_looks_like_unknown_ids(api: PostgREST, settings: Any) -> None:
     without_send_limits(settings)
     alice, mallory = user(), user()
-    alices = [request(api, fresh_phone(), alice) for _ in range(3)]
-    backend = request(api, fresh_phone(), SERVICE)  # bound to no user
+    alices = [request_id(api, fresh_phone(), alice) for _ in range(3)]
+    backend = request_id(api, fresh_phone(), SERVICE)  # bound to no user
     unknown = [str(uuid.uuid4()), "00000000-0000-0000-0000-000000000000"]
     answers = [api.rpc("phone_code_status", {"request_id": rid}, mallory) for rid in [*alices, backend, *unknown]]
     assert {(a.status, json.dumps(a.body, sort_keys=True), json.dumps(a.headers, sort_keys=True)) for a in answers} == {
@@ -44,7 +33,7 @@ def test_verify_cannot_tell_no_code_from_another_users_code(api: PostgREST, data
     without_send_limits(settings)
     alice, mallory = user(), user()
     taken, empty = fresh_phone(), fresh_phone()
-    rid = request(api, taken, alice)
+    rid = request_id(api, taken, alice)
     code = queued_code(database, rid)
     for guess in ("000000", "123456", code):
         on_taken = api.rpc("verify_phone_code", {"phone": taken, "code": guess}, mallory)
@@ -58,23 +47,13 @@ def test_verify_cannot_tell_no_code_from_another_users_code(api: PostgREST, data
 # Brute force
 
 
-def wrong(code: str, delta: int = 1) -> str:
-    return f"{(int(code) + delta) % 10 ** len(code):0{len(code)}d}"
-
-
-def verify(api: PostgREST, phone: str, code: str, caller: Caller, purpose: str = "default") -> Any:
-    response = api.rpc("verify_phone_code", {"phone": phone, "code": code, "purpose": purpose}, caller)
-    assert response.status == 200, response.body
-    return response.body
-
-
 def test_failures_are_counted_per_purpose_and_each_purpose_is_capped(
     api: PostgREST, database: Database, settings: Any
 ) -> None:
     without_send_limits(settings, max_attempts=3)
     alice, phone = user(), fresh_phone()
-    login = queued_code(database, request(api, phone, alice, "login"))
-    bind = queued_code(database, request(api, phone, alice, "bind_phone"))
+    login = queued_code(database, request_id(api, phone, alice, "login"))
+    bind = queued_code(database, request_id(api, phone, alice, "bind_phone"))
     forms = ["+" + phone, "00" + phone, phone[2:]]  # how the number is written changes nothing
 
     assert verify(api, forms[0], wrong(login, 1), alice, "login")["attempts_left"] == 2
@@ -90,7 +69,7 @@ def test_failures_are_counted_per_purpose_and_each_purpose_is_capped(
     assert verify(api, phone, bind, alice, "bind_phone") == {"valid": True}
 
     # And B caps at max_attempts too.
-    pay = queued_code(database, request(api, phone, alice, "pay"))
+    pay = queued_code(database, request_id(api, phone, alice, "pay"))
     for delta in (1, 2, 3):
         verify(api, phone, wrong(pay, delta), alice, "pay")
     assert verify(api, phone, pay, alice, "pay")["reason"] == "too_many_attempts"
@@ -100,7 +79,7 @@ def test_failures_are_counted_per_purpose_and_each_purpose_is_capped(
 def test_other_users_cannot_help_brute_force_a_code(api: PostgREST, database: Database, settings: Any) -> None:
     without_send_limits(settings, max_attempts=3)
     alice, phone = user(), fresh_phone()
-    rid = request(api, phone, alice)
+    rid = request_id(api, phone, alice)
     code = queued_code(database, rid)
     helpers = [user() for _ in range(20)] + [SERVICE]
     guesses = [f"{n:06d}" for n in range(0, 10**6, 10**6 // 150)] + [code]
