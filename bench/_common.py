@@ -173,6 +173,14 @@ def write_results(name: str, body: str) -> None:
     log(f"updated {RESULTS.relative_to(ROOT)} section {name!r}")
 
 
+def report(name: str, title: str, facts: str, parts: Sequence[str], *, write: bool) -> None:
+    """Print a benchmark's tables; with `write` (a full run), also make them its RESULTS.md section."""
+    text = "\n\n".join(parts)
+    print(text)
+    if write:
+        write_results(name, f"## {title}\n\n{facts}\n\n{text}")
+
+
 def facts_block(extra: dict[str, str] | None = None) -> str:
     facts = {**machine_facts(), **(extra or {})}
     return "\n".join(f"- {k}: {v}" for k, v in facts.items())

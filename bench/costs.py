@@ -10,7 +10,7 @@ A. client-side CPU per operation (CPU time of the calling thread, so the in-proc
    webhook signature check, JSON parsing/encoding of an event, one JSON log line, the Prometheus
    updates, one psycopg pool round trip, and the hook's two SQL calls;
 B. server-side time per SQL call from pg_stat_user_functions (track_functions = all): the hook's
-   hook_begin + finish_delivery, verify_phone_code, request_phone_code, the worker's claim_messages
+   hook_begin_many + finish_deliveries, verify_phone_code, request_phone_code, the worker's claim_messages
    and queue_stats, with the inner functions' own (self) time;
 C. claim_messages and queue_stats as sms.outbox grows (delivered rows stay for the 24-hour limits),
    with and without a partial index on pending rows' expires_at;
@@ -21,6 +21,7 @@ D. a fresh process's provider: start() (imports the SDK, opens the session), the
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import statistics
@@ -176,26 +177,10 @@ def section_a(db: c.BenchDatabase, fake: c.FakeAliyun, n: int) -> list[list[str]
 
         async def hook_calls() -> None:
             ev, raw, _ = event()
-            begin = await call(
-                pool,
-                "select sms._begin_hook_message(%(event)s, %(sha)s, 'auth_hook', %(worker)s, %(lease)s)",
-                {
-                    "event": Jsonb(ev),
-                    "sha": __import__("hashlib").sha256(raw).hexdigest(),
-                    "worker": "bench",
-                    "lease": 10,
-                },
-                timeout=5,
-            )
-            await call(
-                pool,
-                "select sms.finish_delivery(p_delivery_id => %(id)s, p_outcome => 'accepted',"
-                " p_provider => 'aliyun', p_provider_code => 'OK', p_provider_message => 'OK',"
-                " p_biz_id => '1^0', p_provider_request_id => 'r', p_latency_ms => 3,"
-                " p_retry_in_seconds => 0, p_max_attempts => 1)",
-                {"id": begin["delivery_id"]},
-                timeout=5,
-            )
+            (begin,) = await call(pool, "select sms.hook_begin_many(%(items)s, 'bench', 10)",
+                                  {"items": Jsonb([hook_item(ev, raw)])}, timeout=5)  # fmt: skip
+            await call(pool, "select sms.finish_deliveries(%(items)s)",
+                       {"items": Jsonb([accepted(begin["delivery_id"])])}, timeout=5)  # fmt: skip
 
         hook = await timed(hook_calls, n)
         await pool.close()
@@ -204,7 +189,7 @@ def section_a(db: c.BenchDatabase, fake: c.FakeAliyun, n: int) -> list[list[str]
     select1, hook = loop.run_until_complete(db_ops())
     loop.close()
     rows.append(["psycopg pool round trip (sidecar.db.call 'select 1')", f"{select1:.0f}"])
-    rows.append(["the hook's SQL: hook_begin + finish_delivery, client side (2 calls)", f"{hook:.0f}"])
+    rows.append(["the hook's SQL: hook_begin_many + finish_deliveries, client side (2 calls)", f"{hook:.0f}"])
     return rows
 
 
@@ -263,20 +248,27 @@ def function_stats(db: c.BenchDatabase) -> list[list[str]]:
     ]
 
 
+def hook_item(ev: Any, raw: bytes) -> dict[str, Any]:
+    """One event for sms.hook_begin_many, as the sidecar hands it over."""
+    return {"event": ev, "body_sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def accepted(delivery_id: int) -> dict[str, Any]:
+    """An accepted result for sms.finish_deliveries."""
+    return {"delivery_id": delivery_id, "outcome": "accepted", "provider": "aliyun", "provider_code": "OK",
+            "provider_message": "OK", "biz_id": "1^0", "provider_request_id": "r", "latency_ms": 3,
+            "retry_in_seconds": 0, "max_attempts": 1}  # fmt: skip
+
+
 def section_b_hook(db: c.BenchDatabase, n: int) -> list[list[str]]:
     """The hook's SQL as the sidecar role, n requests, per-function times."""
     db.execute("select pg_stat_reset()", superuser=True)
     with psycopg.connect(db.sidecar_url, autocommit=True) as conn:
         for _ in range(n):
             ev, raw, _ = event()
-            begin = conn.execute(
-                "select sms._begin_hook_message(%s, %s, 'auth_hook', 'bench', 10)",
-                [Jsonb(ev), __import__("hashlib").sha256(raw).hexdigest()],
-            ).fetchone()[0]  # type: ignore[index]
-            conn.execute(
-                "select sms.finish_delivery(%s, 'accepted', 'aliyun', 'OK', 'OK', '1^0', 'r', 3, 0, 1)",
-                [begin["delivery_id"]],
-            )
+            (begin,) = conn.execute("select sms.hook_begin_many(%s, 'bench', 10)",
+                                    [Jsonb([hook_item(ev, raw)])]).fetchone()[0]  # type: ignore[index]  # fmt: skip
+            conn.execute("select sms.finish_deliveries(%s)", [Jsonb([accepted(begin["delivery_id"])])])
     time.sleep(0.6)
     return function_stats(db)
 
@@ -363,7 +355,7 @@ def main() -> None:
         c.table(["operation", "µs CPU"], a),
         "B. Server-side time per call (µs wall inside PostgreSQL, single client, no contention):",
         c.table(["workload", "µs per call"], b),
-        "Inner functions for one hook request (hook_begin + finish_delivery), per hook request:",
+        "Inner functions for one hook request (hook_begin_many + finish_deliveries), per hook request:",
         c.table(["function", "calls", "total µs/call", "self µs/call"], hook_detail),
     ]
     for name, rows in detail.items():
@@ -375,10 +367,7 @@ def main() -> None:
         "D. A fresh process's provider: start(), then its first SendSms (ms wall, median (min–max) of 3 processes):",
         c.table(["step", "ms"], d),
     ]
-    text = "\n\n".join(parts)
-    print(text)
-    if not args.quick and not args.no_write:
-        c.write_results("costs", "## Cost breakdown (`bench/costs.py`)\n\n" + facts + "\n\n" + text)
+    c.report("costs", "Cost breakdown (`bench/costs.py`)", facts, parts, write=not args.quick and not args.no_write)
 
 
 if __name__ == "__main__":

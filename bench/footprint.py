@@ -118,7 +118,8 @@ def main() -> None:
             c.verdict(startup, STARTUP_TARGET_S, higher_is_better=False, unit=" s"),
         ],
     ]
-    text = "\n\n".join(
+    c.report(
+        "footprint", "4. Footprint (`bench/footprint.py`)", facts,
         [
             f"Rounds: a fresh process each; load = wrk 32 connections x {load_seconds} s of distinct signed hook "
             "events plus 500 queued codes for the worker. Median (min–max) over rounds; MB = MiB.",
@@ -126,11 +127,9 @@ def main() -> None:
                 ["process", "rounds", "start to ready s", "RSS idle MB", "RSS peak under load MB", "VmHWM MB"], rows
             ),  # fmt: skip
             c.table(["target", "measured", "verdict"], targets),
-        ]
-    )
-    print(text)
-    if not args.quick and not args.no_write:
-        c.write_results("footprint", "## 4. Footprint (`bench/footprint.py`)\n\n" + facts + "\n\n" + text)
+        ],
+        write=not args.quick and not args.no_write,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -158,7 +158,7 @@ def main() -> None:
 
     checks = (
         f"The fake refused {rejected} requests (signatures, parameters). GoTrue v2.196's caller "
-        f"(tests/gotrue.py) read a fresh answer as success: sidecar {yes(gotrue_ok['sidecar'])}, "
+        f"(tests/support/gotrue.py) read a fresh answer as success: sidecar {yes(gotrue_ok['sidecar'])}, "
         f"Deno {yes(gotrue_ok['deno'])}. The sidecar recorded {sent} events `sent` ({other} in another state) "
         f"for {successes('sidecar')} measured successes plus warm-up and stragglers; the fake accepted "
         f"{by_signature['v3']} V3-signed (SDK) and {by_signature['v2']} V2-signed (index.ts) SendSms, for "
@@ -166,7 +166,8 @@ def main() -> None:
         f"HTTP_MAX_CONNECTIONS={SIDECAR_ENV['HTTP_MAX_CONNECTIONS']} (default 500: connections 501–512 would "
         "be refused)."
     )
-    text = "\n\n".join(
+    c.report(
+        "hook", "1. Hook throughput and latency (`bench/hook.py`)", facts,
         [
             f"Rounds: {rounds} x {seconds:.0f} s per point and side, wrk -t1, closed loop, sides interleaved; "
             "median (min–max) over rounds. Latency: the fake's delay before each SendSms answer. req/s: "
@@ -179,11 +180,9 @@ def main() -> None:
             cpu_table(results, fake_cpu, points),
             targets_table(results),
             checks,
-        ]
-    )
-    print(text)
-    if write:
-        c.write_results("hook", "## 1. Hook throughput and latency (`bench/hook.py`)\n\n" + facts + "\n\n" + text)
+        ],
+        write=write,
+    )  # fmt: skip
 
 
 def side_cells(runs: Sequence[c.WrkResult]) -> list[str]:
@@ -331,16 +330,14 @@ def drip(*, write: bool) -> None:
                f"all answered within {DRIP_ANSWER_S:.0f} s / normal hook ok in < {RECOVERY_MS:.0f} ms"]  # fmt: skip
     text = (
         f"The fake writes each SendSms answer one byte a second (~250 bytes); {DRIP_HOOKS} hooks at once, each "
-        "on its own connection, through GoTrue v2.196's caller (tests/gotrue.py: its 5 s deadline, its "
+        "on its own connection, through GoTrue v2.196's caller (tests/support/gotrue.py: its 5 s deadline, its "
         f"retries); {RECOVERY_AFTER_S:.0f} s after they started the fake answers normally again and one more "
         "hook is sent. Each side against a fresh fake, with production defaults; 5.0 s to GoTrue's result "
         f"means GoTrue gave up. The same burst against the framework floor (bench/floor_app.py) took at most "
-        f"{reference:.2f} s: the client's own share.\n\n" + c.table(headers, rows)
+        f"{reference:.2f} s: the client's own share."
     )
-    print(text)
-    if write:
-        body = "## 1b. Hook with a trickling provider (`bench/hook.py --drip`)\n\n" + facts + "\n\n" + text
-        c.write_results("hook-drip", body)
+    c.report("hook-drip", "1b. Hook with a trickling provider (`bench/hook.py --drip`)", facts,
+             [text, c.table(headers, rows)], write=write)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -311,7 +311,8 @@ def main() -> None:
         f"Every code reached the fake: {'yes' if missing == 0 else f'NO, {missing} missing'}; messages accepted "
         f"twice: {dup}; outbox rows not `sent` at the end: {failed}; fake rejections: {len(rejected)}."
     )
-    text = "\n\n".join(
+    c.report(
+        "outbox", "3. Outbox delivery (`bench/outbox.py`)", facts,
         [
             f"Fake alone: {fa_rounds} rounds x {fa_seconds:.0f} s. Steady: {st_rounds} rounds x {st_codes:,} codes at "
             f"{RATE}/s (pgbench -R, Poisson arrivals). Drain: {dr_rounds} rounds x {dr_codes:,} codes committed at "
@@ -334,11 +335,9 @@ def main() -> None:
             ),  # fmt: skip
             c.table(["target", "measured", "verdict"], targets),
             checks,
-        ]
-    )
-    print(text)
-    if not args.quick and not args.no_write:
-        c.write_results("outbox", "## 3. Outbox delivery (`bench/outbox.py`)\n\n" + facts + "\n\n" + text)
+        ],
+        write=not args.quick and not args.no_write,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

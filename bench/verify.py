@@ -185,18 +185,17 @@ def main() -> None:
         f" answered not_found/too_many_attempts for an already used code. pgbench failed transactions: {failures}. "
         f"request_phone_code queued {outbox:,} outbox rows (no worker running)."
     )
-    text = "\n\n".join(
+    c.report(
+        "verify", "2. Verification codes in SQL (`bench/verify.py`)", facts,
         [
             f"Rounds: {rounds} x {seconds} s per point; {phones:,} seeded phones; pgbench -M prepared -j 2 as "
             "`authenticator`; median (min–max) over rounds.",
             c.table(headers, rows),
             c.table(["target", "measured", "verdict"], targets),
             checks,
-        ]
-    )
-    print(text)
-    if not args.quick and not args.no_write:
-        c.write_results("verify", "## 2. Verification codes in SQL (`bench/verify.py`)\n\n" + facts + "\n\n" + text)
+        ],
+        write=not args.quick and not args.no_write,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
