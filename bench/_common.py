@@ -173,6 +173,21 @@ def write_results(name: str, body: str) -> None:
     log(f"updated {RESULTS.relative_to(ROOT)} section {name!r}")
 
 
+def postgrest_transaction(fn: str, user: str) -> str:
+    """A pgbench script's opening of one PostgREST RPC transaction: role, the JWT of the user
+    md5('u' || :<user>) and a client address derived from it, as PostgREST sets them."""
+    return f"""begin;
+set local role authenticated;
+select set_config('request.jwt.claims', json_build_object('role', 'authenticated', 'aud', 'authenticated',
+       'sub', md5('u' || :{user})::uuid)::text, true),
+       set_config('request.headers',
+                  json_build_object('x-real-ip',
+                                    '198.18.' || (:{user} % 256) || '.' || (:{user} / 256 % 254 + 1))::text, true),
+       set_config('request.method', 'POST', true),
+       set_config('request.path', '/rpc/{fn}', true);
+"""
+
+
 def report(name: str, title: str, facts: str, parts: Sequence[str], *, write: bool) -> None:
     """Print a benchmark's tables; with `write` (a full run), also make them its RESULTS.md section."""
     text = "\n\n".join(parts)

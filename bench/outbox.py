@@ -33,19 +33,11 @@ import psycopg
 P50_TARGET_MS, P99_TARGET_MS, DRAIN_TARGET = 50.0, 250.0, 0.80
 RATE = 200
 FAKE_ALONE_TASKS = 16
-REQUEST_SCRIPT = """\\set p random(0, 999999999)
-\\set u random(1, 1000000000)
-begin;
-set local role authenticated;
-select set_config('request.jwt.claims', json_build_object('role', 'authenticated', 'aud', 'authenticated',
-       'sub', md5('u' || :u)::uuid)::text, true),
-       set_config('request.headers',
-                  json_build_object('x-real-ip', '198.18.' || (:u % 256) || '.' || (:u / 256 % 254 + 1))::text, true),
-       set_config('request.method', 'POST', true),
-       set_config('request.path', '/rpc/request_phone_code', true);
-select public.request_phone_code(phone => '+8617' || lpad(:p::text, 9, '0'));
-commit;
-"""
+REQUEST_SCRIPT = (
+    "\\set p random(0, 999999999)\n\\set u random(1, 1000000000)\n"
+    + c.postgrest_transaction("request_phone_code", "u")
+    + "select public.request_phone_code(phone => '+8617' || lpad(:p::text, 9, '0'));\ncommit;\n"
+)
 
 
 def provider_client(endpoint: str, tasks: int, seconds: float) -> None:

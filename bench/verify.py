@@ -27,26 +27,18 @@ import _common as c
 CLIENTS = (1, 8, 32)
 TARGET = 0.50
 
-SETUP = """
-\\set n random(1, :nphones)
-\\set ok random(1, 4)
-begin;
-set local role authenticated;
-select set_config('request.jwt.claims', json_build_object('role', 'authenticated', 'aud', 'authenticated',
-       'sub', md5('u' || :n)::uuid)::text, true),
-       set_config('request.headers',
-                  json_build_object('x-real-ip', '198.18.' || (:n % 256) || '.' || (:n / 256 % 254 + 1))::text, true),
-       set_config('request.method', 'POST', true),
-       set_config('request.path', '/rpc/{fn}', true);
-"""
+
+def setup(fn: str) -> str:
+    return "\\set n random(1, :nphones)\n\\set ok random(1, 4)\n" + c.postgrest_transaction(fn, "n")
+
 
 SCRIPTS = {
     "select 1": "select 1;\n",
-    "select 1 in PostgREST txn": SETUP.format(fn="noop") + "select 1;\ncommit;\n",
-    "verify_phone_code": SETUP.format(fn="verify_phone_code")
+    "select 1 in PostgREST txn": setup("noop") + "select 1;\ncommit;\n",
+    "verify_phone_code": setup("verify_phone_code")
     + "select public.verify_phone_code(phone => '+8613' || lpad(:n::text, 9, '0'),"
     " code => case when :ok = 1 then lpad((:n * 7919 % 1000000)::text, 6, '0') else '000000' end);\ncommit;\n",
-    "request_phone_code": SETUP.format(fn="request_phone_code") + "\\set p random(0, 999999999)\n"
+    "request_phone_code": setup("request_phone_code") + "\\set p random(0, 999999999)\n"
     "select public.request_phone_code(phone => '+8615' || lpad(:p::text, 9, '0'));\ncommit;\n",
 }
 
