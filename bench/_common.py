@@ -494,26 +494,6 @@ def database(settings: dict[str, str] | None = None) -> Iterator[BenchDatabase]:
         cluster.stop()
 
 
-def add_database(db: BenchDatabase, name: str) -> BenchDatabase:
-    """A second database in the same cluster, prepared like the first (stand-in, migrations, limits off)."""
-    db.execute(f"create database {name}", superuser=True)
-    cluster = db.cluster
-    standin.load(cluster.url(dbname=name))
-    migrate(cluster.url("postgres", name))
-    info = psycopg.conninfo.conninfo_to_dict(db.sidecar_url)
-    info["dbname"] = name
-    other = BenchDatabase(
-        cluster=cluster,
-        url=cluster.url("postgres", name),
-        superuser_url=cluster.url(dbname=name),
-        sidecar_url=psycopg.conninfo.make_conninfo(**info),  # type: ignore[arg-type]
-        authenticator_url=cluster.url("authenticator", name),
-        dbname=name,
-    )
-    other.disable_limits()
-    return other
-
-
 # --- the fake Aliyun ----------------------------------------------------------------------------------
 
 

@@ -47,7 +47,6 @@ class DeliveryWorker:
         self._started: set[int] = set()  # delivery ids whose send has begun: the provider may have them
         self._wake = asyncio.Event()
         self._gauges_at = 0.0
-        self.listening = False
 
     async def run(self, stop: asyncio.Event) -> None:
         listener = asyncio.create_task(self._listen(stop), name="sms-outbox-listen")
@@ -77,12 +76,10 @@ class DeliveryWorker:
             try:
                 # The first wake-up is for anything queued while we were away, the others for NOTIFYs.
                 async for _ in self.rt.store.outbox_notifications():
-                    self.listening, delay = True, 0.5
+                    delay = 0.5
                     self._wake.set()
             except (DatabaseUnavailable, psycopg.Error) as exc:
                 log.warning("LISTEN connection lost", extra={"error": failure_name(exc)})
-            finally:
-                self.listening = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 

@@ -33,10 +33,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from sidecar.grpc_api import phonenumberservice_pb2 as pb, phonenumberservice_pb2_grpc as pb_grpc
 from tests.support.aliyun import SIGN, TEMPLATE, aliyun_env
-from tests.support.builders import fresh_phone, without_send_limits
+from tests.support.builders import fresh_phone
 from tests.support.database import Database, drain_queue
 from tests.support.fake_aliyun import BusinessError, FakeAliyun
 from tests.support.servers import SidecarProcess, free_port, port_open, sidecar_url
+
+pytestmark = pytest.mark.usefixtures("isolated")
 
 TOKEN = "grpc-test-token-5f1c0e9a7b3d"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -98,13 +100,6 @@ def server(database: Database, fake: FakeAliyun) -> Iterator[SidecarProcess]:
 def stub(server: SidecarProcess) -> Iterator[Any]:
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield pb_grpc.PhoneNumberServiceStub(channel)
-
-
-@pytest.fixture(autouse=True)
-def _isolated(fake: FakeAliyun, database: Database, settings: Any) -> None:
-    drain_queue(database)
-    fake.reset()
-    without_send_limits(settings)
 
 
 def sent_to(fake: FakeAliyun, phone: str) -> list[Any]:

@@ -19,25 +19,20 @@ import httpx
 import pytest
 
 from tests.support.aliyun import aliyun_env
-from tests.support.builders import fresh_phone, without_send_limits
-from tests.support.database import Database, drain_queue
+from tests.support.builders import fresh_phone
+from tests.support.database import Database
 from tests.support.fake_aliyun import Delay, FakeAliyun
 from tests.support.gotrue import GoTrueHookCaller, generate_secret, otp_login
 from tests.support.postgrest import SERVICE, PostgREST
 from tests.support.servers import SidecarProcess, free_port, sidecar_url, wait_until
+
+pytestmark = pytest.mark.usefixtures("isolated")
 
 SECRET = generate_secret()
 CAP = 3  # HTTP_MAX_CONNECTIONS, per worker
 BOUND = 2.5  # HTTP_REQUEST_TIMEOUT_SECONDS
 # The installed script, as the image runs it: uvicorn's workers are spawned, and re-import its main module.
 SCRIPT = str(Path(sys.executable).with_name("sms-sidecar"))
-
-
-@pytest.fixture(autouse=True)
-def _isolated(fake: FakeAliyun, database: Database, settings: Any) -> None:
-    fake.reset()
-    drain_queue(database)
-    without_send_limits(settings)
 
 
 def log_lines(sidecar: SidecarProcess, message: str) -> list[dict[str, Any]]:

@@ -17,18 +17,13 @@ from sidecar.app import create_app
 from sidecar.config import Config, WorkerConfig
 from sidecar.providers.aliyun import AliyunProvider
 from tests.support.aliyun import aliyun_config, aliyun_env
-from tests.support.builders import fresh_phone, without_send_limits
-from tests.support.database import Database, all_sent, drain_queue
+from tests.support.builders import fresh_phone
+from tests.support.database import Database, all_sent
 from tests.support.fake_aliyun import BusinessError, Delay, Drop, FakeAliyun
 from tests.support.postgrest import SERVICE, PostgREST
 from tests.support.servers import SidecarProcess, run_app, sidecar_url, wait_until
 
-
-@pytest.fixture(autouse=True)
-def _isolated(fake: FakeAliyun, database: Database, settings: Any) -> None:
-    fake.reset()
-    drain_queue(database)
-    without_send_limits(settings)
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def in_process(database: Database, fake: FakeAliyun, **worker: Any) -> Any:

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 from sidecar.config import AliyunConfig
+from tests.support.builders import without_send_limits
+from tests.support.database import Database, drain_queue
 from tests.support.fake_aliyun import FakeAliyun
 
 AK, AK_SECRET = "LTAI-test-key", "test-key-secret"
@@ -21,6 +23,14 @@ def fake() -> Iterator[FakeAliyun]:
     """One fake Aliyun per test module, accepting only AK/AK_SECRET; modules reset it between tests."""
     with FakeAliyun(credentials={AK: AK_SECRET}) as server:
         yield server
+
+
+@pytest.fixture
+def isolated(fake: FakeAliyun, database: Database, settings: Any) -> None:
+    """For modules whose sidecar delivers: no other module's queued codes, a fresh fake, no send limits."""
+    fake.reset()
+    drain_queue(database)
+    without_send_limits(settings)
 
 
 def aliyun_config(endpoint: str, *, protocol: str = "http", **fields: Any) -> AliyunConfig:
