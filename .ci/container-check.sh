@@ -21,7 +21,7 @@
 #   3. builds a stand-in for the Dockerfile's FROM image (python:3.11-slim) with debootstrap: Debian
 #      bookworm's Python 3.11 as a venv at /usr/local (so /usr/local/bin/python, pip and
 #      /usr/local/lib/python3.11/site-packages are where the official image has them), pip 24.0,
-#      setuptools 79.0.1 and wheel<0.46 as the official image installs, plus this machine's extra CA
+#      setuptools 79.0.1 and wheel 0.45.1 as the official image installs, plus this machine's extra CA
 #      certificates and the cert line of its pip.conf so pip in the build reaches PyPI as the host's does;
 #   4. builds the Dockerfile unchanged (podman build --network host --format docker --pull=never),
 #      fails on a useradd/groupadd warning, and records the image size;
@@ -357,7 +357,7 @@ else
     # What the official python:3.11-slim installs next to its Python (docker-library/python).
     chroot "$ROOTFS" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root LANG=C.UTF-8 \
         /usr/local/bin/pip install --disable-pip-version-check --no-cache-dir --no-compile \
-        'pip==24.0' 'setuptools==79.0.1' 'wheel<0.46' >> "$LOG" 2>&1 || die "pip in the stand-in could not reach PyPI"
+        'pip==24.0' 'setuptools==79.0.1' 'wheel==0.45.1' >> "$LOG" 2>&1 || die "pip in the stand-in could not reach PyPI"
     PYVER=$(chroot "$ROOTFS" /usr/local/bin/python -c 'import platform; print(platform.python_version())')
     chroot "$ROOTFS" apt-get clean
     rm -rf "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/var/cache/apt/*.bin "$ROOTFS"/usr/share/doc/* \

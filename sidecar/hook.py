@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from sidecar.db import ApiError
 from sidecar.errors import DatabaseUnavailable, failure_name
 from sidecar.logs import mask_phone
-from sidecar.outcomes import BUSY, CONCURRENT_REQUEST, DATABASE_UNAVAILABLE, NO_TIME_LEFT, Kind, Outcome, SendResult
+from sidecar.outcomes import BUSY, DATABASE_UNAVAILABLE, NO_TIME_LEFT, Kind, Outcome, SendResult
 from sidecar.providers.base import Busy
 from sidecar.runtime import Runtime
 from sidecar.store import Duplicate, Finished, HookSend, MessageStatus
@@ -165,20 +165,12 @@ _DATABASE_DOWN = SendResult(Outcome.RETRY, DATABASE_UNAVAILABLE, kind=Kind.UNAVA
 
 async def _begin(rt: Runtime, event: Any, body_sha256: str, deadline: float) -> HookSend | Duplicate:
     item = {"event": event, "body_sha256": body_sha256}
-    retries = 1
-    while True:
-        try:
-            with _database_failures():
-                return await rt.store.begin_hook(item, deadline - time.monotonic())
-        except ApiError as exc:
-            # Two sidecar processes' statements needed the same phone's or address's limit lock in
-            # opposite orders, and PostgreSQL's deadlock check undid this event's work (after 1 s):
-            # the other statement has gone on, so this one can begin now.
-            if exc.code == CONCURRENT_REQUEST and retries:
-                retries -= 1
-                continue
-            reason = "rate_limited" if exc.status == 429 else exc.code or "invalid_payload"
-            raise _Failure(exc.status, exc.message, reason) from None
+    try:
+        with _database_failures():
+            return await rt.store.begin_hook(item, deadline)
+    except ApiError as exc:
+        reason = "rate_limited" if exc.status == 429 else exc.code or "invalid_payload"
+        raise _Failure(exc.status, exc.message, reason) from None
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from sidecar.config import Config
 from sidecar.db import create_pool
-from sidecar.providers import InFlight, Provider, build_provider
+from sidecar.providers import Provider, build_provider
 from sidecar.runtime import Runtime
 from sidecar.webhook import WebhookVerifier
 from sidecar.worker import DeliveryWorker
@@ -45,7 +45,6 @@ async def running(
         pool=create_pool(config.database_url),
         provider=provider or build_provider(config),
         verifier=WebhookVerifier(config.hook_secrets) if config.hook_secrets else None,
-        in_flight=InFlight(config.max_in_flight),
     )
     # Not waiting: the database may come up after us; /readyz and gRPC health say so meanwhile.
     await rt.pool.open(wait=False)

@@ -29,9 +29,9 @@ class Runtime:
     verifier: WebhookVerifier | None  # None: no secret configured, every hook request is refused
     metrics: Metrics = field(default_factory=Metrics)
     worker_id: str = field(default_factory=new_worker_id)
-    # Sends under way, hook and worker together; set from config.max_in_flight by lifecycle.running.
-    in_flight: InFlight = field(default_factory=lambda: InFlight(512))
+    in_flight: InFlight = field(init=False)  # sends under way, hook and worker together (SMS_MAX_IN_FLIGHT)
     store: Store = field(init=False)  # every statement this process runs: see sidecar/store.py
 
     def __post_init__(self) -> None:
+        self.in_flight = InFlight(self.config.max_in_flight)
         self.store = Store(self.pool, self.config.database_url, self.worker_id)

@@ -24,12 +24,12 @@ from sidecar.batches import Batcher
 from sidecar.db import ApiError, call
 from sidecar.errors import DatabaseUnavailable
 from sidecar.migrate import bundled
-from sidecar.outcomes import SendResult
+from sidecar.outcomes import CONCURRENT_REQUEST, SendResult
 from sidecar.providers.base import Sms
 
 __all__ = [
     "GRPC_FUNCTIONS", "GRPC_ROLE", "SIDECAR_FUNCTIONS", "ClaimedMessage", "Duplicate", "Finished", "HookSend",
-    "Inspector", "MessageState", "MessageStatus", "QueueStats", "ResultWriter", "Store", "Verification",
+    "Inspector", "MessageState", "MessageStatus", "QueueStats", "Store", "Verification",
     "required_schema_version", "schema_is_current",
 ]  # fmt: skip
 
@@ -206,17 +206,6 @@ class Finished:
 # --- the gateway -----------------------------------------------------------------------------------
 
 
-class ResultWriter:
-    """Delivery results, recorded several to a statement (sms.finish_deliveries; see sidecar/batches.py)."""
-
-    def __init__(self, pool: Pool) -> None:
-        self._batcher = Batcher(pool, "select sms.finish_deliveries(%(items)s)", max_batch=RESULT_BATCH, timeout=5.0)
-
-    async def finish(self, item: Finished, timeout: float) -> str:
-        """Record one result; returns the message's new status once its statement has committed."""
-        return str(await self._batcher.submit(item.as_json(), timeout))
-
-
 class Store:
     """The sidecar's statements, over its pool; `worker_id` names this process in leases."""
 
@@ -224,7 +213,7 @@ class Store:
         self._pool = pool
         self._url = database_url
         self._worker_id = worker_id
-        self._results = ResultWriter(pool)
+        self._results = Batcher(pool, "select sms.finish_deliveries(%(items)s)", max_batch=RESULT_BATCH, timeout=5.0)
         self._begins = Batcher(pool, "select sms.hook_begin_many(%(items)s, %(worker)s, %(lease)s)",
                                max_batch=HOOK_BATCH, timeout=3.0,
                                params={"worker": worker_id, "lease": HOOK_LEASE_SECONDS})  # fmt: skip
@@ -245,21 +234,30 @@ class Store:
 
     # The hook.
 
-    async def begin_hook(self, item: dict[str, Any], timeout: float) -> HookSend | Duplicate:
-        """sms.hook_begin_many, in a statement shared with the requests that begin meanwhile (sidecar/batches.py).
-        Raises ApiError when the SQL core refuses the event (a bad number, a limit)."""
-        with _answered():
-            answer: dict[str, Any] = await self._begins.submit(item, timeout)
-        if answer["action"] == "refused":
-            raise ApiError.from_parts(answer["error"], answer["meta"])
+    async def begin_hook(self, item: dict[str, Any], deadline: float) -> HookSend | Duplicate:
+        """sms.hook_begin_many, in a statement shared with the requests that begin meanwhile (sidecar/batches.py),
+        answered by `deadline` (time.monotonic()). Raises ApiError when the SQL core refuses the event (a bad
+        number, a limit)."""
+        for last in (False, True):
+            with _answered():
+                answer: dict[str, Any] = await self._begins.submit(item, deadline - time.monotonic())
+            if answer["action"] != "refused":
+                break
+            refusal = ApiError.from_parts(answer["error"], answer["meta"])
+            # Two processes' shared statements needed the same phone's or address's limit lock in
+            # opposite orders, and PostgreSQL's deadlock check undid this event's work (after 1 s):
+            # this statement has committed and the other has gone on, so the event can begin now.
+            if last or refusal.code != CONCURRENT_REQUEST:
+                raise refusal
         if answer["action"] == "duplicate":
             return Duplicate(str(answer["message_id"]), MessageState.from_json(answer))
         return HookSend.from_json(answer)
 
     async def finish(self, item: Finished, timeout: float) -> str:
-        """sms.finish_delivery, batched: the message's new status."""
+        """sms.finish_deliveries, in a statement shared with the results that arrive meanwhile: the
+        message's new status once that statement has committed."""
         with _answered():
-            return await self._results.finish(item, timeout)
+            return str(await self._results.submit(item.as_json(), timeout))
 
     async def message_state(self, message_id: str, timeout: float, bound: float | None = None) -> MessageState:
         state = await self._one("select sms.message_state(%(id)s)", {"id": message_id}, timeout, bound=bound)

@@ -1,4 +1,4 @@
-"""Delivery results recorded several to a statement (sidecar/store.py ResultWriter, sms.finish_deliveries)."""
+"""Delivery results recorded several to a statement (sidecar/store.py Store.finish, sms.finish_deliveries)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from sidecar.db import create_pool
 from sidecar.outcomes import Outcome, SendResult
-from sidecar.store import Finished, ResultWriter
+from sidecar.store import Finished, Store
 from tests.support.builders import fresh_phone, without_send_limits
 from tests.support.database import Database, drain_queue
 from tests.support.postgrest import SERVICE, PostgREST
@@ -31,21 +31,21 @@ def accepted(delivery_id: int) -> Finished:
 
 
 async def record(database: Database, items: list[Finished]) -> tuple[list[str | BaseException], int]:
-    """Finish every item at once through one writer: the statuses, and how many statements it took."""
+    """Finish every item at once through one store: the statuses, and how many statements it took."""
     pool = create_pool(sidecar_url(database), max_size=4)
     await pool.open(wait=True)
     statements = 0
     try:
-        writer = ResultWriter(pool)
-        original = writer._batcher._pool.connection
+        store = Store(pool, sidecar_url(database), "results-test")
+        original = pool.connection
 
         def counting(*args: Any, **kwargs: Any) -> Any:
             nonlocal statements
             statements += 1
             return original(*args, **kwargs)
 
-        writer._batcher._pool.connection = counting  # type: ignore[method-assign]
-        results = await asyncio.gather(*(writer.finish(item, 10) for item in items), return_exceptions=True)
+        pool.connection = counting  # type: ignore[method-assign]
+        results = await asyncio.gather(*(store.finish(item, 10) for item in items), return_exceptions=True)
     finally:
         await pool.close()
     return list(results), statements
