@@ -39,9 +39,13 @@ def _loop() -> str:
     return "uvloop"
 
 
+def _open_files_for(config: Config) -> None:
+    """Room for what a busy process holds: its HTTP connections, the provider's and the database's."""
+    _open_files_limit(config.http_max_connections + config.max_in_flight + 256)
+
+
 def _open_files_limit(needed: int) -> None:
-    """Raise the soft limit on open files towards what a busy process holds: HTTP connections, the
-    connections to the provider and the database pool. Many hosts and containers start at 1,024."""
+    """Raise the soft limit on open files towards `needed`. Many hosts and containers start at 1,024."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
     if soft != resource.RLIM_INFINITY and soft < target:
@@ -63,7 +67,7 @@ def serve(config: Config, on_started: Callable[[], None] | None = None) -> None:
     from sidecar.slow_clients import bounded
 
     configure()
-    _open_files_limit(config.http_max_connections + config.max_in_flight + 256)
+    _open_files_for(config)
     _announce(config, loop := _loop(), workers=1)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -92,7 +96,7 @@ def serve_workers(config: Config) -> None:
     import uvicorn
 
     configure()
-    _open_files_limit(config.http_max_connections + config.max_in_flight + 256)  # the workers inherit it
+    _open_files_for(config)  # the workers inherit it
     _announce(config, loop := _loop(), config.workers)
     uvicorn.run(
         "sidecar.app:from_environment", factory=True, workers=config.workers, host=config.host, port=config.port,
