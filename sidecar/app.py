@@ -1,4 +1,4 @@
-"""The Starlette application: hook target, health, readiness and metrics."""
+"""The Starlette application: hook target, delivery receipts, health, readiness and metrics."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from sidecar.errors import failure_name
 from sidecar.hook import send_sms_hook
 from sidecar.lifecycle import ServiceFactory, running
 from sidecar.providers import Provider
+from sidecar.receipts import report_route
 from sidecar.runtime import Runtime
 from sidecar.store import required_schema_version, schema_is_current
 
@@ -75,6 +76,7 @@ def create_app(config: Config, provider: Provider | None = None) -> Starlette:
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            report_route(),
         ],
         lifespan=lifespan,
     )

@@ -25,6 +25,7 @@ _TEMPLATE_CODE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 _PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
 _PLACEHOLDER = re.compile(r"REPLACE_WITH", re.IGNORECASE)  # .env.example: "replace every REPLACE_... value"
 _GRPC_TOKEN = re.compile(r"^[\x21-\x7e]{16,512}$")  # visible ASCII: it travels in a metadata header
+_REPORT_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")  # a URL path segment that needs no escaping
 
 
 def mask_password(url: str) -> str:
@@ -98,6 +99,10 @@ class WorkerConfig:
     max_attempts: int = 5
     backoff_seconds: float = 5.0
     sweep_seconds: float = 1.0
+    # Delivery receipts by QuerySendDetails, for a sidecar Aliyun cannot push to: ask about a send
+    # still without a receipt this long after it (0: never), at most `receipt_poll_qps` calls a second.
+    receipt_poll_after_seconds: int = 0
+    receipt_poll_qps: float = 5.0
 
     @classmethod
     def from_env(cls, get: Callable[[str], str]) -> WorkerConfig:
@@ -111,7 +116,19 @@ class WorkerConfig:
             max_attempts=_number(get, "SMS_WORKER_MAX_ATTEMPTS", cls.max_attempts, int, 1, 100),
             backoff_seconds=_number(get, "SMS_WORKER_BACKOFF_SECONDS", cls.backoff_seconds, float, 0.0, 3600.0),
             sweep_seconds=_number(get, "SMS_WORKER_SWEEP_SECONDS", cls.sweep_seconds, float, 0.05, 60.0),
+            receipt_poll_after_seconds=_receipt_poll_after(get),
+            receipt_poll_qps=_number(get, "SMS_WORKER_RECEIPT_POLL_QPS", cls.receipt_poll_qps, float, 0.1, 100.0),
         )
+
+
+def _receipt_poll_after(get: Callable[[str], str]) -> int:
+    name = "SMS_WORKER_RECEIPT_POLL_AFTER_SECONDS"
+    seconds = _number(get, name, 0, int, 0, 86_400)
+    if 0 < seconds < 60:
+        # Receipts usually arrive within seconds, but a carrier may take minutes: asking sooner spends
+        # the account's API quota on sends that are still on their way.
+        raise ConfigError(f"{name} must be 0 (off) or at least 60, not {seconds}")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -202,6 +219,13 @@ class Config:
     http_max_connections: int = 500  # serve raises its soft open-files limit to hold these and the provider's
     # `serve` only: processes sharing its port, each the whole sidecar (sidecar/cli.py serve_workers).
     workers: int = 1
+    # The secret path segment of POST /aliyun/sms-report/{token} (sidecar/receipts.py); None: no endpoint.
+    report_token: str | None = None
+
+    @property
+    def receipts(self) -> bool:
+        """Whether delivery receipts arrive at all: pushed to us, or polled for."""
+        return self.report_token is not None or self.worker.receipt_poll_after_seconds > 0
 
     def __repr__(self) -> str:
         secrets = len(self.hook_secrets)
@@ -251,7 +275,19 @@ class Config:
             ),
             http_max_connections=_number(get, "HTTP_MAX_CONNECTIONS", cls.http_max_connections, int, 1, 100_000),
             workers=_number(get, "SMS_SIDECAR_WORKERS", cls.workers, int, 1, 256),
+            report_token=_report_token(get("ALIYUN_SMS_REPORT_TOKEN")),
         )
+
+
+def _report_token(token: str) -> str | None:
+    if not token:
+        return None
+    if is_placeholder(token) or not _REPORT_TOKEN.match(token):
+        raise ConfigError(
+            "ALIYUN_SMS_REPORT_TOKEN must be 16 to 128 letters, digits, - or _ "
+            "(for example: openssl rand -hex 24); it is the secret part of the receipt URL"
+        )
+    return token
 
 
 def _aliyun(get: Callable[[str], str]) -> AliyunConfig:

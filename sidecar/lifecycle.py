@@ -1,5 +1,5 @@
 """What every sidecar process holds while it runs, started and stopped in order: pool, provider, the
-services it was given (the gRPC server), delivery worker. Which services a command runs is
+services it was given (the gRPC server), delivery worker and receipt poller. Which services a command runs is
 sidecar/process.py's to say."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Protocol
 from sidecar.config import Config
 from sidecar.db import create_pool
 from sidecar.providers import Provider, build_provider
+from sidecar.receipt_poll import ReceiptPoller
 from sidecar.runtime import Runtime
 from sidecar.webhook import WebhookVerifier
 from sidecar.worker import DeliveryWorker
@@ -51,13 +52,16 @@ async def running(
     await rt.provider.start()
     started: list[Service] = []
     stop = asyncio.Event()
-    worker_task = None
+    tasks: list[asyncio.Task[None]] = []
     try:
         for make in services:
             started.append(service := make(rt))  # stopped even if its start fails half-way
             await service.start()
         if config.worker.enabled:
-            worker_task = asyncio.create_task(DeliveryWorker(rt, config.worker).run(stop), name="sms-delivery-worker")
+            tasks.append(asyncio.create_task(DeliveryWorker(rt, config.worker).run(stop), name="sms-delivery-worker"))
+            if config.worker.receipt_poll_after_seconds:
+                poller = ReceiptPoller(rt, config.worker.receipt_poll_after_seconds, config.worker.receipt_poll_qps)
+                tasks.append(asyncio.create_task(poller.run(stop), name="sms-receipt-poll"))
         extra = {"provider": rt.provider.name, "worker": rt.worker_id}
         log.info("sidecar started", extra=extra | {s.name: s.address for s in started})
         yield rt
@@ -65,8 +69,8 @@ async def running(
         for service in reversed(started):
             await service.stop()  # before the worker: gRPC calls in flight wait for their delivery
         stop.set()
-        if worker_task is not None:
-            await worker_task
+        for task in tasks:
+            await task
         await rt.provider.close()
         await rt.pool.close()
         log.info("sidecar stopped", extra={"worker": rt.worker_id})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from sidecar.batches import Batcher
@@ -25,11 +27,12 @@ from sidecar.db import ApiError, call
 from sidecar.errors import DatabaseUnavailable
 from sidecar.migrate import bundled
 from sidecar.outcomes import CONCURRENT_REQUEST, SendResult
-from sidecar.providers.base import Sms
+from sidecar.providers.base import Receipt, Sms
 
 __all__ = [
     "GRPC_FUNCTIONS", "GRPC_ROLE", "SIDECAR_FUNCTIONS", "ClaimedMessage", "Duplicate", "Finished", "HookSend",
-    "Inspector", "MessageState", "MessageStatus", "QueueStats", "Store", "Verification",
+    "Inspector", "MessageState", "MessageStatus", "QueueStats", "ReceiptDue", "ReceiptStats", "Store", "StoredReceipts",
+    "Verification",
     "required_schema_version", "schema_is_current",
 ]  # fmt: skip
 
@@ -40,13 +43,15 @@ Pool = AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]]
 SIDECAR_FUNCTIONS = (
     "sms.schema_version()",
     "sms.claim_messages(text, integer, integer)",
-    "sms.finish_delivery(bigint, text, text, text, text, text, text, integer, integer, integer)",
     "sms.finish_deliveries(jsonb)",
     "sms.release_messages(text)",
     "sms.hook_begin_many(jsonb, text, integer)",
     "sms.message_state(uuid)",
     "sms.queue_stats()",
     "sms.test_number_count()",
+    "sms.record_receipts(jsonb, text)",
+    "sms.receipts_due(integer, integer, integer)",
+    "sms.receipt_stats(integer, integer)",
 )
 GRPC_FUNCTIONS = (
     "sms.grpc_send_code(text, text, text)",
@@ -59,6 +64,7 @@ GRPC_ROLE = "sms_grpc"  # holds the gRPC code functions; the login needs: grant 
 HOOK_LEASE_SECONDS = 10  # how long a hook request holds its message: its 4-second budget and a margin
 HOOK_BATCH = 16  # each begin holds two subtransactions, and PostgreSQL tracks only 64 per transaction cheaply
 RESULT_BATCH = 64
+RECEIPT_TRIES = 6  # a push that lost a serialization conflict goes again on the winner's rows
 
 # The database did not answer. PoolTimeout and QueryCanceled (statement timeout) are OperationalErrors.
 _UNANSWERED = (TimeoutError, OSError, psycopg.OperationalError, psycopg.InterfaceError)
@@ -169,6 +175,58 @@ class QueueStats:
     @classmethod
     def from_json(cls, stats: dict[str, Any]) -> QueueStats:
         return cls(int(stats["queued"]), float(stats["oldest_queued_seconds"]))
+
+
+@dataclass(frozen=True)
+class StoredReceipt:
+    """A ledger row a receipt changed: the carrier's verdict and the send-to-receipt latency."""
+
+    delivered: bool
+    code: str | None
+    latency_ms: int | None
+
+
+@dataclass(frozen=True)
+class StoredReceipts:
+    """sms.record_receipts' answer: what changed, how many were repeats (or older), how many not ours."""
+
+    changed: tuple[StoredReceipt, ...]
+    repeated: int
+    unknown: int
+
+    @classmethod
+    def from_json(cls, answer: dict[str, Any]) -> StoredReceipts:
+        changed = tuple(StoredReceipt(bool(c["delivered"]), c["code"], c["latency_ms"]) for c in answer["stored"])
+        unknown = int(answer["unknown"])
+        return cls(changed, int(answer["received"]) - unknown - len(changed), unknown)
+
+
+@dataclass(frozen=True)
+class ReceiptDue:
+    """A row of sms.receipts_due: an accepted send whose receipt has not come."""
+
+    delivery_id: int
+    phone: str
+    biz_id: str
+    sent_at: datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> ReceiptDue:
+        return cls(row["delivery_id"], row["phone"], row["biz_id"], row["sent_at"])
+
+
+@dataclass(frozen=True)
+class ReceiptStats:
+    """sms.receipt_stats: of the SMS accepted in its window, how many the carrier delivered within N minutes."""
+
+    sent: int
+    undelivered: int
+    delivered_within: dict[int, int]  # minutes -> messages
+
+    @classmethod
+    def from_json(cls, stats: dict[str, Any]) -> ReceiptStats:
+        within = {int(minutes): int(n) for minutes, n in stats["delivered_within"].items()}
+        return cls(int(stats["sent"]), int(stats["undelivered"]), within)
 
 
 @dataclass(frozen=True)
@@ -316,6 +374,35 @@ class Store:
                 yield
                 async for _ in conn.notifies():
                     yield
+
+    # Delivery receipts.
+
+    async def record_receipts(self, receipts: list[Receipt], source: str, timeout: float) -> StoredReceipts:
+        """sms.record_receipts: all of a push in one statement. Two pushes changing the same rows under
+        REPEATABLE READ or SERIALIZABLE (a server default) conflict; the loser goes again on the winner's
+        rows, which the receipts' order makes idempotent."""
+        params = {"receipts": Jsonb([r.as_json() for r in receipts]), "source": source}
+        for attempt in range(RECEIPT_TRIES):
+            try:
+                answer = await self._one("select sms.record_receipts(%(receipts)s, %(source)s)", params, timeout)
+                return StoredReceipts.from_json(answer)
+            except DatabaseUnavailable as exc:
+                # SQLSTATE class 40: a serialization failure or a deadlock, undone; nothing was stored.
+                conflict = isinstance(exc.__cause__, psycopg.Error) and str(exc.__cause__.sqlstate).startswith("40")
+                if not conflict or attempt == RECEIPT_TRIES - 1:
+                    raise
+                await asyncio.sleep(random.uniform(0, 0.05 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    async def receipts_due(self, after_seconds: int, limit: int) -> list[ReceiptDue]:
+        with _answered():
+            async with self._pool.connection(timeout=5) as conn:
+                cur = await conn.execute("select * from sms.receipts_due(%(after)s, %(limit)s)",
+                                         {"after": after_seconds, "limit": limit})  # fmt: skip
+                return [ReceiptDue.from_row(row) for row in await cur.fetchall()]
+
+    async def receipt_stats(self, timeout: float) -> ReceiptStats:
+        return ReceiptStats.from_json(await self._one("select sms.receipt_stats()", {}, timeout))
 
     # The gRPC drop-in, as sms_grpc.
 

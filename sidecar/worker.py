@@ -30,6 +30,7 @@ log = logging.getLogger("sidecar.worker")
 
 SEND_SECONDS = 10.0  # the whole call; below the lease (30 s), so a lease never ends mid-send
 RECONCILE_SECONDS = 10.0
+RECEIPT_STATS_SECONDS = 60.0  # sms.receipt_stats reads half an hour of sends: not on every sweep
 
 
 class DeliveryWorker:
@@ -47,6 +48,7 @@ class DeliveryWorker:
         self._started: set[int] = set()  # delivery ids whose send has begun: the provider may have them
         self._wake = asyncio.Event()
         self._gauges_at = 0.0
+        self._receipt_stats_at = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         listener = asyncio.create_task(self._listen(stop), name="sms-outbox-listen")
@@ -172,9 +174,19 @@ class DeliveryWorker:
             log.log(level, "SMS failed: %s", result.message, extra=fields)
 
     async def _update_gauges(self) -> None:
+        m = self.rt.metrics
         stats = await self.rt.store.queue_stats(timeout=5.0)
-        self.rt.metrics.queue_depth.set(stats.queued)
-        self.rt.metrics.queue_oldest.set(stats.oldest_queued_seconds)
+        m.queue_depth.set(stats.queued)
+        m.queue_oldest.set(stats.oldest_queued_seconds)
+        # Only where receipts arrive: elsewhere "none delivered" would be a false alarm.
+        if self.rt.config.receipts and time.monotonic() - self._receipt_stats_at >= RECEIPT_STATS_SECONDS:
+            self._receipt_stats_at = time.monotonic()
+            receipts = await self.rt.store.receipt_stats(timeout=10.0)
+            m.receipt_window_sent.set(receipts.sent)
+            sent = receipts.sent or 1  # no sends: every share is 0
+            for minutes, delivered in receipts.delivered_within.items():
+                m.delivered_within.labels(str(minutes)).set(delivered / sent)
+            m.undelivered.set(receipts.undelivered / sent)
 
     async def _shutdown(self) -> None:
         """Stop claiming; let sends in flight finish; hand back whatever has not started."""

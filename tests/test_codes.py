@@ -7,6 +7,7 @@ import uuid
 from collections import Counter
 
 import pytest
+from psycopg.types.json import Jsonb
 
 from tests.support.builders import fresh_phone
 from tests.support.codes import queued_code, request, verify, wrong
@@ -223,7 +224,7 @@ def test_status_reports_the_callers_own_requests(api: PostgREST, phone: str) -> 
     alice = user()
     request_id = request(api, phone, alice)["request_id"]
     status = api.rpc("phone_code_status", {"request_id": request_id}, alice)
-    assert (status.status, status.body) == (200, {"status": "queued", "error": None})
+    assert (status.status, status.body) == (200, {"status": "queued", "error": None, "delivered": None})
     assert api.rpc("phone_code_status", {"request_id": request_id}, SERVICE).status == 200
     assert api.rpc("phone_code_status", {"request_id": request_id}, user()).status == 404
     assert api.rpc("phone_code_status", {"request_id": str(uuid.uuid4())}, alice).status == 404
@@ -234,13 +235,13 @@ def test_status_follows_delivery(api: PostgREST, database: Database, phone: str)
     request_id = request(api, phone, alice)["request_id"]
     delivery = database.one("select delivery_id from sms.claim_messages('w1', 100, 60) where phone = %s", [phone])
     assert api.rpc("phone_code_status", {"request_id": request_id}, alice).body["status"] == "sending"
-    database.execute(
-        "select sms.finish_delivery(%s, 'rejected', 'aliyun', 'isv.MOBILE_NUMBER_ILLEGAL', 'illegal number')",
-        [delivery],
-    )
+    result = {"delivery_id": delivery, "outcome": "rejected", "provider": "aliyun",
+              "provider_code": "isv.MOBILE_NUMBER_ILLEGAL", "provider_message": "illegal number"}  # fmt: skip
+    database.execute("select sms.finish_deliveries(%s)", [Jsonb([result])])
     assert api.rpc("phone_code_status", {"request_id": request_id}, alice).body == {
         "status": "failed",
         "error": "illegal number",
+        "delivered": None,
     }
 
 

@@ -81,6 +81,12 @@ def test_endpoint_forms(endpoint: str, expected: tuple[str, str]) -> None:
         ({"PORT": "eighty"}, "PORT"),
         ({"SEND_SMS_HOOK_SECRETS": "whsec_abc"}, "SEND_SMS_HOOK_SECRETS"),
         ({"SEND_SMS_HOOK_SECRETS": SECRET[:-4] + "!!!!"}, "SEND_SMS_HOOK_SECRETS"),
+        ({"ALIYUN_SMS_REPORT_TOKEN": "short"}, "ALIYUN_SMS_REPORT_TOKEN"),
+        ({"ALIYUN_SMS_REPORT_TOKEN": "has/a/slash/in/it/0123"}, "ALIYUN_SMS_REPORT_TOKEN"),
+        ({"ALIYUN_SMS_REPORT_TOKEN": "REPLACE_WITH_OUTPUT_OF_openssl"}, "ALIYUN_SMS_REPORT_TOKEN"),
+        ({"SMS_WORKER_RECEIPT_POLL_AFTER_SECONDS": "30"}, "SMS_WORKER_RECEIPT_POLL_AFTER_SECONDS"),
+        ({"SMS_WORKER_RECEIPT_POLL_AFTER_SECONDS": "soon"}, "SMS_WORKER_RECEIPT_POLL_AFTER_SECONDS"),
+        ({"SMS_WORKER_RECEIPT_POLL_QPS": "1000"}, "SMS_WORKER_RECEIPT_POLL_QPS"),
     ],
 )
 def test_problems_name_the_variable(change: dict[str, str], named: str) -> None:
@@ -89,6 +95,18 @@ def test_problems_name_the_variable(change: dict[str, str], named: str) -> None:
     message = str(caught.value)
     assert message.startswith(named) or f" {named} " in f" {message} "
     assert "very-secret-value" not in message and SECRET not in message and "\n" not in message
+
+
+def test_delivery_receipts_are_off_unless_configured() -> None:
+    config = Config.from_env(ALIYUN)
+    assert (config.report_token, config.worker.receipt_poll_after_seconds, config.receipts) == (None, 0, False)
+    token = "0123456789abcdef-_ABCDEF"
+    pushed = Config.from_env(ALIYUN | {"ALIYUN_SMS_REPORT_TOKEN": token})
+    assert pushed.report_token == token and pushed.receipts and token not in repr(pushed)
+    polled = Config.from_env(ALIYUN | {"SMS_WORKER_RECEIPT_POLL_AFTER_SECONDS": "300",
+                                       "SMS_WORKER_RECEIPT_POLL_QPS": "2.5"})  # fmt: skip
+    assert (polled.worker.receipt_poll_after_seconds, polled.worker.receipt_poll_qps, polled.receipts) == (
+        300, 2.5, True)  # fmt: skip
 
 
 def test_console_provider_needs_no_aliyun_settings() -> None:

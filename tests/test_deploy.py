@@ -59,6 +59,7 @@ INTERFACE_VARS = (
     "ALIYUN_SMS_INTL_SIGN_NAME",
     "ALIYUN_SMS_INTL_TEMPLATE_CODE",
     "ALIYUN_SMS_ENDPOINT",
+    "ALIYUN_SMS_REPORT_TOKEN",
     "SMS_PROVIDER",
 )
 # gotrue-send-sms-hook.md §8: the only hosts GoTrue accepts with plain http.

@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from tests.support.builders import fresh_phone
 from tests.support.database import Database, drain_queue
@@ -44,13 +45,12 @@ def claim(
 
 
 def finish(conn: psycopg.Connection[dict[str, Any]], delivery_id: int, outcome: str, **kw: Any) -> str:
-    args = ", ".join(f"p_{k} => %({k})s" for k in kw)
-    row = conn.execute(
-        f"select sms.finish_delivery(%(d)s, %(o)s{', ' + args if args else ''}) as status",
-        {"d": delivery_id, "o": outcome, **kw},
-    ).fetchone()
+    """One result through sms.finish_deliveries, as the sidecar records it."""
+    row = conn.execute("select sms.finish_deliveries(%s) as statuses",
+                       [Jsonb([{"delivery_id": delivery_id, "outcome": outcome, **kw}])]).fetchone()  # fmt: skip
     assert row is not None
-    return str(row["status"])
+    (status,) = row["statuses"]
+    return str(status)
 
 
 def test_claim_hands_out_the_code_once(api: PostgREST, sidecar: Any, database: Database) -> None:

@@ -101,7 +101,28 @@ def test_a_planted_pg_temp_type_never_runs_as_the_owner(attacker: Any, type_name
             [hook_event(phone)],
         ),
         ("sms_sidecar", "select * from sms.claim_messages('w', 5, 30)", None),
-        ("sms_sidecar", "select sms.finish_delivery(-1, 'accepted')", None),
+        (
+            "sms_sidecar",
+            "select sms.record_receipts(%s::pg_catalog.jsonb)",
+            [
+                json.dumps(
+                    [
+                        {
+                            "out_id": "1",
+                            "biz_id": "1^0",
+                            "phone": "13800000000",
+                            "success": True,
+                            "code": "DELIVERED",
+                            "message": "",
+                            "report_time": "2026-12-06T10:00:00+08:00",
+                            "send_time": None,
+                        }
+                    ]
+                )
+            ],
+        ),
+        ("sms_sidecar", "select * from sms.receipts_due(60, 5)", None),
+        ("sms_sidecar", "select sms.receipt_stats()", None),
         ("sms_sidecar", """select sms.finish_deliveries('[{"delivery_id": -1, "outcome": "accepted"}]')""", None),
         ("sms_sidecar", "select sms.release_messages('w')", None),
         ("sms_sidecar", "select sms.queue_stats()", None),

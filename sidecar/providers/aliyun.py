@@ -16,7 +16,7 @@ import asyncio
 import json
 import ssl
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,7 @@ from sidecar.outcomes import (
     SendResult,
     stored_result,
 )  # fmt: skip
-from sidecar.providers.base import Sms
+from sidecar.providers.base import Receipt, Sms
 from sidecar.providers.errors import CONNECT_PHASE, Failure, ProviderError, describe_failure, provider_text
 
 if TYPE_CHECKING:
@@ -283,34 +283,72 @@ class AliyunProvider:
             return classify_business_error(code, message)
         return stored_result(code, message)
 
-    async def find_sent(self, phone: str, out_ids: list[str], since: datetime, timeout: float) -> SendResult | None:
-        """QuerySendDetails for each China-time day since `since`, matched on our OutId.
+    async def _send_details(self, phone: str, day: date, deadline: float, biz_id: str | None = None) -> dict[str, Any]:
+        """One page of QuerySendDetails for a China-time day: its body (Code OK), newest sends first.
 
         Raises ProviderError, never a transport's error: their texts carry the query (the phone number).
         """
-        number = phone[2:] if phone.startswith("86") else phone
+        loop = asyncio.get_running_loop()
+        request = self._load_sdk().models.QuerySendDetailsRequest(
+            phone_number=phone[2:] if phone.startswith("86") else phone, send_date=day.strftime("%Y%m%d"),
+            page_size=50, current_page=1, biz_id=biz_id,
+        )  # fmt: skip
+        answer = await self._call("QuerySendDetails", request, max(0.05, deadline - loop.time()))
+        if isinstance(answer, SendResult):
+            raise ProviderError(answer.code, f"QuerySendDetails: {answer.message}")
+        body = answer.body
+        if answer.status >= 400 or body.get("Code") != OK:
+            failed = _classify_error_answer(answer) if answer.status >= 400 else None
+            code = failed.code if failed else str(body.get("Code"))
+            raise ProviderError(code, f"QuerySendDetails answered {code}: "
+                                f"{provider_text(str(body.get('Message') or ''))}")  # fmt: skip
+        return body
+
+    @staticmethod
+    def _details(body: dict[str, Any]) -> list[dict[str, Any]]:
+        found = (body.get("SmsSendDetailDTOs") or {}).get("SmsSendDetailDTO") or []
+        return [item for item in found if isinstance(item, dict)]
+
+    async def find_sent(self, phone: str, out_ids: list[str], since: datetime, timeout: float) -> SendResult | None:
+        """QuerySendDetails for each China-time day since `since`, matched on our OutId."""
         wanted = set(out_ids)
         day = since.astimezone(_CHINA).date()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = asyncio.get_running_loop().time() + timeout
         while day <= datetime.now(_CHINA).date():
-            request = self._load_sdk().models.QuerySendDetailsRequest(
-                phone_number=number, send_date=day.strftime("%Y%m%d"), page_size=50, current_page=1
-            )
-            answer = await self._call("QuerySendDetails", request, max(0.05, deadline - loop.time()))
-            if isinstance(answer, SendResult):
-                raise ProviderError(answer.code, f"QuerySendDetails: {answer.message}")
-            body = answer.body
-            if answer.status >= 400 or body.get("Code") != OK:
-                failed = _classify_error_answer(answer) if answer.status >= 400 else None
-                code = failed.code if failed else str(body.get("Code"))
-                raise ProviderError(code, f"QuerySendDetails answered {code}: "
-                                    f"{provider_text(str(body.get('Message') or ''))}")  # fmt: skip
-            details = (body.get("SmsSendDetailDTOs") or {}).get("SmsSendDetailDTO") or []
-            for item in details:
+            body = await self._send_details(phone, day, deadline)
+            for item in self._details(body):
                 if item.get("OutId") in wanted and item.get("SendStatus") != 2:  # 2: the carrier reported failure
                     return SendResult(Outcome.ACCEPTED, RECONCILED,
                                       f"found by QuerySendDetails ({item.get('ErrCode')})",
                                       request_id=_none_if_missing(body.get("RequestId")))  # fmt: skip
             day += timedelta(days=1)
+        return None
+
+    async def query_receipt(self, phone: str, biz_id: str, sent_at: datetime, timeout: float) -> Receipt | None:
+        """QuerySendDetails narrowed to one BizId: SendStatus 3 delivered, 2 failed, 1 still waiting."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        body = await self._send_details(phone, sent_at.astimezone(_CHINA).date(), deadline, biz_id=biz_id)
+        for item in self._details(body):
+            status = item.get("SendStatus")
+            if status not in (2, 3):
+                continue
+            sent = _china_time(item.get("SendDate"))
+            return Receipt(
+                out_id=_none_if_missing(item.get("OutId")),
+                biz_id=biz_id,
+                phone=str(item.get("PhoneNum") or ""),
+                success=status == 3,
+                code=str(item.get("ErrCode") or ""),
+                message="",
+                report_time=_china_time(item.get("ReceiveDate")) or sent or datetime.now(UTC),
+                send_time=sent,
+            )
+        return None
+
+
+def _china_time(value: Any) -> datetime | None:
+    """QuerySendDetails' "yyyy-MM-dd HH:mm:ss", China Standard Time."""
+    try:
+        return datetime.strptime(str(value), "%Y-%m-%d %H:%M:%S").replace(tzinfo=_CHINA)
+    except ValueError:
         return None

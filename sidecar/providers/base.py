@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from sidecar.outcomes import SendResult
 
-__all__ = ["Busy", "InFlight", "Provider", "Sms"]
+__all__ = ["Busy", "InFlight", "Provider", "Receipt", "Sms"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,26 @@ class Sms:
     out_id: str  # our ledger id, echoed in delivery receipts
     sign_name: str | None = None  # per-purpose override (sms.templates) for mainland numbers
     template_code: str | None = None
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The carrier's verdict on one SMS, pushed by Aliyun (SmsReport) or asked for (QuerySendDetails)."""
+
+    out_id: str | None  # our ledger id, as the send carried it
+    biz_id: str
+    phone: str  # as Aliyun writes it; matched against the send, never stored
+    success: bool
+    code: str  # DELIVERED, or the carrier's code
+    message: str
+    report_time: datetime  # aware
+    send_time: datetime | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """What sms.record_receipts reads."""
+        return {"out_id": self.out_id, "biz_id": self.biz_id, "phone": self.phone, "success": self.success,
+                "code": self.code, "message": self.message, "report_time": self.report_time.isoformat(),
+                "send_time": None if self.send_time is None else self.send_time.isoformat()}  # fmt: skip
 
 
 class Provider(Protocol):
@@ -44,6 +64,13 @@ class Provider(Protocol):
 
     async def find_sent(self, phone: str, out_ids: list[str], since: datetime, timeout: float) -> SendResult | None:
         """After an ambiguous attempt: the provider's record of a send with one of these OutIds, if any.
+
+        Raises (a ProviderError, whose text is safe to store) when the provider cannot be asked.
+        """
+        ...
+
+    async def query_receipt(self, phone: str, biz_id: str, sent_at: datetime, timeout: float) -> Receipt | None:
+        """The carrier's verdict on the send `biz_id` made at `sent_at`, None while there is none yet.
 
         Raises (a ProviderError, whose text is safe to store) when the provider cannot be asked.
         """

@@ -13,7 +13,7 @@ from datetime import datetime
 
 from sidecar.logs import mask_phone
 from sidecar.outcomes import OK, Outcome, SendResult, stored_result
-from sidecar.providers.base import Sms
+from sidecar.providers.base import Receipt, Sms
 
 __all__ = ["ConsoleProvider"]
 
@@ -34,6 +34,9 @@ class ConsoleProvider:
 
     async def find_sent(self, phone: str, out_ids: list[str], since: datetime, timeout: float) -> SendResult | None:
         return None  # printing never leaves a doubt about whether it happened
+
+    async def query_receipt(self, phone: str, biz_id: str, sent_at: datetime, timeout: float) -> Receipt | None:
+        return None  # no carrier, no receipt
 
     def classify(self, code: str, message: str) -> SendResult:
         return stored_result(code, message)

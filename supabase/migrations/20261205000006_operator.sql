@@ -13,7 +13,10 @@
 -- Delivery log
 ------------------------------------------------------------------------------------------------
 
-create or replace view sms.delivery_log
+-- Dropped first: a later migration adds columns, and this file must still run after it (a user
+-- pasting it into the SQL editor again).
+drop view if exists sms.delivery_log;
+create view sms.delivery_log
 with (security_invoker = true)
 as
 select

@@ -36,6 +36,11 @@ validation, for ``action`` (default ``"SendSms"``). Precedence: the ``fail_next`
 
 ``refused_endpoint()`` gives a ``host:port`` where nothing listens (connection refused).
 
+Delivery receipts (SmsReport "HTTP batch push"): ``fake.receipt(send, success=False, err_code="MK:0001")``
+builds the JSON item Aliyun pushes for a recorded send (and makes QuerySendDetails report the same
+fate); ``push_receipts(url, [items])`` POSTs one push as Aliyun does (a JSON array, unsigned) and returns
+``(status, answer)``; ``push_until_acknowledged`` retries a push Aliyun's way until it gets 200 {"code": 0}.
+
 Provider speed, for benchmarks (constructor arguments, also attributes that may change while running;
 for SendSms requests that passed verification and validation; only the request's own handler thread
 waits):
@@ -68,7 +73,7 @@ from http.client import HTTPConnection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, NamedTuple, Self
-from urllib.parse import parse_qsl, quote, unquote
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 __all__ = [
     "BusinessError",
@@ -78,6 +83,7 @@ __all__ = [
     "Fault",
     "GatewayError",
     "NonJsonError",
+    "push_receipts",
     "RawRequest",
     "Rejection",
     "Send",
@@ -254,14 +260,51 @@ def send_raw(endpoint: str, raw: RawRequest, timeout: float = 5.0) -> tuple[int,
                 conn.putheader(name, value)
         conn.putheader("Content-Length", str(len(raw.body)))
         conn.endheaders(raw.body)
-        resp = conn.getresponse()
-        data = resp.read().decode("utf-8")
-        try:
-            return resp.status, json.loads(data)
-        except ValueError:
-            return resp.status, data
+        return _answer_of(conn)
     finally:
         conn.close()
+
+
+def _answer_of(conn: HTTPConnection) -> tuple[int, Any]:
+    resp = conn.getresponse()
+    data = resp.read().decode("utf-8")
+    try:
+        return resp.status, json.loads(data)
+    except ValueError:
+        return resp.status, data
+
+
+def push_receipts(url: str, receipts: list[dict[str, Any]] | bytes, timeout: float = 10.0) -> tuple[int, Any]:
+    """One SmsReport batch push to ``url``, as Aliyun makes it: POST, a JSON array, no signature.
+    ``receipts`` may be raw bytes, for malformed pushes. Returns (status, parsed JSON or text)."""
+    parts = urlsplit(url)
+    body = receipts if isinstance(receipts, bytes) else json.dumps(receipts, ensure_ascii=False).encode("utf-8")
+    conn = HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout)
+    try:
+        conn.request("POST", parts.path, body=body, headers={"Content-Type": "application/json;charset=utf-8"})
+        return _answer_of(conn)
+    finally:
+        conn.close()
+
+
+def acknowledged(answer: tuple[int, Any]) -> bool:
+    """What Aliyun checks of the answer to a push: HTTP 200 and a numeric `code`."""
+    status, body = answer
+    return status == 200 and isinstance(body, dict) and isinstance(body.get("code"), int)
+
+
+def push_until_acknowledged(
+    url: str, receipts: list[dict[str, Any]], schedule: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
+) -> list[tuple[int, Any]]:
+    """Aliyun's retries (after 1, 5 and 10 minutes; ``schedule`` here, in seconds, the first at once):
+    pushes until acknowledged or the schedule ends; every answer, in order."""
+    answers = []
+    for wait in schedule:
+        time.sleep(wait)
+        answers.append(push_receipts(url, receipts))
+        if acknowledged(answers[-1]):
+            break
+    return answers
 
 
 # --- internals ----------------------------------------------------------------------------------------
@@ -461,6 +504,7 @@ class FakeAliyun:
         self._sends: list[Send] = []
         self._rejected: list[Rejection] = []
         self._captured: list[RawRequest] = []
+        self._queries: list[tuple[float, dict[str, str]]] = []
         self._errors: list[BaseException] = []
         self._requests_seen = 0
         self._connections_seen = 0
@@ -555,6 +599,12 @@ class FakeAliyun:
             return list(self._sends)
 
     @property
+    def queries(self) -> list[tuple[float, dict[str, str]]]:
+        """Each valid QuerySendDetails: (time.monotonic() on arrival, its parameters)."""
+        with self._lock:
+            return list(self._queries)
+
+    @property
     def rejected(self) -> list[Rejection]:
         """Requests the fake refused itself (signature, timestamp, nonce, parameters, business rules)."""
         with self._lock:
@@ -604,10 +654,38 @@ class FakeAliyun:
             self._sends.clear()
             self._rejected.clear()
             self._captured.clear()
+            self._queries.clear()
             self._errors.clear()
             self._requests_seen = 0
             self._connections_seen = 0
         self.clear_faults()
+
+    # delivery receipts
+
+    def receipt(
+        self,
+        send: Send,
+        *,
+        success: bool = True,
+        err_code: str | None = None,
+        err_msg: str | None = None,
+        after: float = 2.0,
+    ) -> dict[str, Any]:
+        """The SmsReport item Aliyun pushes for ``send``, reported ``after`` seconds after it was sent;
+        QuerySendDetails reports the same from now on."""
+        code = err_code or ("DELIVERED" if success else "MK:0001")
+        send.send_status, send.err_code = (3 if success else 2), code
+        return {
+            "phone_number": send.phones[0],
+            "send_time": _cst(send.received_at),
+            "report_time": _cst(send.received_at + after),
+            "success": success,
+            "err_code": code,
+            "err_msg": err_msg if err_msg is not None else ("用户接收成功" if success else "用户关机或不在服务区"),
+            "sms_size": "1",
+            "biz_id": send.biz_id,
+            "out_id": send.out_id or "",
+        }
 
     # fault injection
 
@@ -903,6 +981,8 @@ class FakeAliyun:
         if not 1 <= page_size <= 50 or page < 1:
             raise _Reject(400, "InvalidParameter", f"PageSize={page_size} CurrentPage={page}")
 
+        with self._lock:
+            self._queries.append((time.monotonic(), dict(p)))
         fault = self._take_fault("QuerySendDetails", [])
         if fault is not None and not isinstance(fault, Delay):
             if isinstance(fault, Drop):
