@@ -86,11 +86,14 @@ begin
         from candidates as c
         order by c.delivery_id, c.report_time desc, c.success desc
     ),
-    -- Locked in id order, so two pushes of overlapping receipts wait for each other, never deadlock.
+    -- Locked in id order, so two pushes of overlapping receipts wait for each other, never deadlock;
+    -- only rows the receipt changes (the check is made again on a row that was waited for), so a
+    -- repeated push locks and writes nothing.
     ours as (
         select d.id, l.biz_id, l.success, l.code, l.message, l.report_time, l.send_time
         from sms.deliveries as d
         join latest as l on l.delivery_id = d.id
+        where d.reported_at is null or d.reported_at < l.report_time
         order by d.id
         for update of d
     ),
