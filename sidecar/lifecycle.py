@@ -1,6 +1,6 @@
 """What every sidecar process holds while it runs, started and stopped in order: pool, provider, the
-services it was given (the gRPC server), delivery worker and receipt poller. Which services a command runs is
-sidecar/process.py's to say."""
+services it was given (the gRPC server), delivery worker and receipt poller. Which services a
+command runs is sidecar/process.py's to say."""
 
 from __future__ import annotations
 

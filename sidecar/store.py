@@ -382,17 +382,18 @@ class Store:
         REPEATABLE READ or SERIALIZABLE (a server default) conflict; the loser goes again on the winner's
         rows, which the receipts' order makes idempotent."""
         params = {"receipts": Jsonb([r.as_json() for r in receipts]), "source": source}
-        for attempt in range(RECEIPT_TRIES):
+        tries = 0
+        while True:
             try:
                 answer = await self._one("select sms.record_receipts(%(receipts)s, %(source)s)", params, timeout)
                 return StoredReceipts.from_json(answer)
             except DatabaseUnavailable as exc:
+                tries += 1
                 # SQLSTATE class 40: a serialization failure or a deadlock, undone; nothing was stored.
                 conflict = isinstance(exc.__cause__, psycopg.Error) and str(exc.__cause__.sqlstate).startswith("40")
-                if not conflict or attempt == RECEIPT_TRIES - 1:
+                if not conflict or tries == RECEIPT_TRIES:
                     raise
-                await asyncio.sleep(random.uniform(0, 0.05 * 2**attempt))
-        raise AssertionError("unreachable")
+                await asyncio.sleep(random.uniform(0, 0.05 * 2**tries))
 
     async def receipts_due(self, after_seconds: int, limit: int) -> list[ReceiptDue]:
         with _answered():
