@@ -45,6 +45,7 @@ def run_checks(env: Mapping[str, str] | None = None, out: Callable[[str], None] 
     for result in _database_checks(config.database_url):
         report(result)
     report(_provider_check(config))
+    report(_receipts_check(config))
     return 0 if all(r.ok for r in results) else 1
 
 
@@ -116,3 +117,24 @@ def _provider_check(config: Config) -> Result:
         }.get(str(code), f"{str(exc).strip()[:200]}")
         return Result(False, "aliyun", f"{config.aliyun.endpoint}: {code}: {hint}")
     return Result(True, "aliyun", f"credentials accepted by {config.aliyun.endpoint} (QuerySendDetails)")
+
+
+def _receipts_check(config: Config) -> Result:
+    """How delivery receipts arrive (README, "Delivery receipts"); the token itself is never shown."""
+    ways = []
+    if config.report_token is not None:
+        ways.append("Aliyun's push to POST /aliyun/sms-report/<ALIYUN_SMS_REPORT_TOKEN> (enter its public URL in "
+                    "the SMS console: 通用设置 → 发送状态回执 → HTTP 批量推送)")  # fmt: skip
+    polling = config.worker.receipt_poll_after_seconds
+    if polling:
+        ways.append(f"QuerySendDetails {polling} s after each send, at most {config.worker.receipt_poll_qps:g}/s")
+    if not ways:
+        return Result(True, "receipts", "off: phone_code_status reports delivered null for every code; set "
+                      "ALIYUN_SMS_REPORT_TOKEN (Aliyun's push) or SMS_WORKER_RECEIPT_POLL_AFTER_SECONDS (polling)",
+                      warn=True)  # fmt: skip
+    if polling and config.provider == "console":
+        return Result(True, "receipts", "SMS_PROVIDER=console has no carrier: nothing to poll", warn=True)
+    if polling and not config.worker.enabled:
+        return Result(True, "receipts", "SMS_WORKER_ENABLED=false: this replica does not poll (another must)",
+                      warn=True)  # fmt: skip
+    return Result(True, "receipts", "; ".join(ways))

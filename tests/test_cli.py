@@ -145,15 +145,37 @@ def live_env(database: Database, fake: FakeAliyun, **extra: str) -> dict[str, st
     }  # fmt: skip
 
 
+REPORT_TOKEN = "check-report-token-0123456789"
+
+
 def test_check_passes_on_a_ready_deployment(database: Database, fake: FakeAliyun) -> None:
-    result = check(live_env(database, fake))
+    result = check(live_env(database, fake, ALIYUN_SMS_REPORT_TOKEN=REPORT_TOKEN))
     assert result.returncode == 0, result.stdout
     lines = result.stdout.splitlines()
     assert [line.split(":")[0].split()[-1] for line in lines] == [
-        "configuration", "database", "migrations", "grants", "numbers", "aliyun",
+        "configuration", "database", "migrations", "grants", "numbers", "aliyun", "receipts",
     ]  # fmt: skip
     assert all(line.startswith("ok") for line in lines)
-    assert AK_SECRET not in result.stdout
+    assert AK_SECRET not in result.stdout and REPORT_TOKEN not in result.stdout
+    assert "POST /aliyun/sms-report/<ALIYUN_SMS_REPORT_TOKEN>" in lines[-1] and "HTTP 批量推送" in lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "line"),
+    [
+        ({}, "warn  receipts: off: phone_code_status reports delivered null"),
+        ({"SMS_WORKER_RECEIPT_POLL_AFTER_SECONDS": "300"},
+         "ok    receipts: QuerySendDetails 300 s after each send, at most 5/s"),
+        ({"SMS_WORKER_RECEIPT_POLL_AFTER_SECONDS": "300", "SMS_WORKER_ENABLED": "false"},
+         "warn  receipts: SMS_WORKER_ENABLED=false: this replica does not poll"),
+    ],
+)  # fmt: skip
+def test_check_says_how_delivery_receipts_arrive(
+    database: Database, fake: FakeAliyun, extra: dict[str, str], line: str
+) -> None:
+    result = check(live_env(database, fake, **extra))
+    assert result.returncode == 0, result.stdout  # a warning, not a failure
+    assert result.stdout.splitlines()[-1].startswith(line), result.stdout
 
 
 def test_check_names_a_wrong_aliyun_secret(database: Database, fake: FakeAliyun) -> None:
