@@ -76,6 +76,7 @@ from typing import Any, NamedTuple, Self
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 __all__ = [
+    "acknowledged",
     "BusinessError",
     "Delay",
     "Drop",
@@ -84,6 +85,7 @@ __all__ = [
     "GatewayError",
     "NonJsonError",
     "push_receipts",
+    "push_until_acknowledged",
     "RawRequest",
     "Rejection",
     "Send",
