@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from sidecar.errors import DatabaseUnavailable, failure_name
 from sidecar.logs import mask_phone
 from sidecar.outcomes import BUSY, DATABASE_UNAVAILABLE, NO_TIME_LEFT, Kind, Outcome, SendResult
 from sidecar.providers.base import Busy
+from sidecar.request_body import read_limited, strict_json
 from sidecar.runtime import Runtime
 from sidecar.store import Duplicate, Finished, HookSend, MessageStatus
 from sidecar.webhook import WebhookVerificationError
@@ -61,23 +61,6 @@ def _answer(has_metadata: bool, failure: _Failure) -> Response:
     return JSONResponse(body, status_code=_LEGACY_STATUS.get(failure.status, failure.status))
 
 
-async def _read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise _Failure(413, "payload too large", "too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise _Failure(413, "payload too large", "too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _essentials(event: Any) -> Any:
     """Only the fields the database reads, keeping the payload's shape (which tells GoTrue's version).
 
@@ -104,9 +87,11 @@ async def send_sms_hook(request: Request) -> Response:
     try:
         try:
             async with asyncio.timeout(BUDGET_SECONDS / 2):
-                body = await _read_body(request)
+                body = await read_limited(request, MAX_BODY_BYTES)
         except TimeoutError:
             raise _Failure(408, "request body too slow", "slow_body") from None
+        if body is None:
+            raise _Failure(413, "payload too large", "too_large")
         try:
             if rt.verifier is None:
                 raise WebhookVerificationError("no hook secret configured")
@@ -114,7 +99,7 @@ async def send_sms_hook(request: Request) -> Response:
         except WebhookVerificationError as exc:
             raise _Failure(401, "invalid webhook signature", "signature") from exc
         try:
-            event = json.loads(body, parse_constant=_reject_constant)
+            event = strict_json(body)
         except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python parses
             raise _Failure(400, "the hook payload is not JSON", "invalid_payload") from None
         has_metadata = isinstance(event, dict) and isinstance(event.get("metadata"), dict)

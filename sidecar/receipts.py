@@ -11,10 +11,9 @@ could not be stored answers 5xx, which Aliyun retries.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -25,7 +24,9 @@ from starlette.types import Receive, Scope, Send
 
 from sidecar.errors import DatabaseUnavailable, failure_name
 from sidecar.metrics import Metrics
+from sidecar.providers.aliyun import CHINA
 from sidecar.providers.base import Receipt
+from sidecar.request_body import read_limited, strict_json
 from sidecar.runtime import Runtime
 from sidecar.store import StoredReceipts
 
@@ -35,7 +36,6 @@ log = logging.getLogger("sidecar.receipts")
 
 MAX_REPORT_BYTES = 4 * 1024 * 1024  # a receipt is about 300 bytes: thousands per push
 MAX_RECEIPTS = 10_000
-_CHINA = timezone(timedelta(hours=8))  # Aliyun's receipt times are China Standard Time, without a zone
 _CODE_LABEL = re.compile(r"^[A-Za-z0-9:._-]{1,24}$")  # carrier codes become metric labels only in this shape
 
 
@@ -64,7 +64,9 @@ def _time(item: dict[str, Any], name: str, index: int, *, required: bool = False
         moment = datetime.fromisoformat(text)  # Aliyun's "2017-02-02 22:23:22", and ISO forms
     except ValueError:
         raise InvalidReport(f"receipt {index}: {name} is not a time such as 2017-02-02 22:23:22") from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=_CHINA)
+    return (
+        moment if moment.tzinfo is not None else moment.replace(tzinfo=CHINA)
+    )  # Aliyun writes China time without a zone
 
 
 def _success(item: dict[str, Any], index: int) -> bool:
@@ -76,14 +78,10 @@ def _success(item: dict[str, Any], index: int) -> bool:
     raise InvalidReport(f"receipt {index}: success must be true or false")
 
 
-def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def parse_receipts(body: bytes) -> list[Receipt]:
     """A push's receipts, or InvalidReport: all of them or none, so nothing half-stored is acknowledged."""
     try:
-        items = json.loads(body, parse_constant=_not_json)
+        items = strict_json(body)
     except (ValueError, RecursionError):
         raise InvalidReport("the body is not JSON") from None
     if not isinstance(items, list):
@@ -130,20 +128,6 @@ def _answer(status: int, code: int, msg: str) -> Response:
     return JSONResponse({"code": code, "msg": msg}, status_code=status)
 
 
-async def _read_body(request: Request) -> bytes | None:
-    """The body, or None past MAX_REPORT_BYTES (stopping reading there)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_REPORT_BYTES:
-        return None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_REPORT_BYTES:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def sms_report(request: Request) -> Response:
     rt: Runtime = request.app.state.runtime
     expected = rt.config.report_token
@@ -152,7 +136,7 @@ async def sms_report(request: Request) -> Response:
         return _not_found()
     if request.method != "POST":
         return Response(status_code=405, headers={"Allow": "POST"})
-    body = await _read_body(request)
+    body = await read_limited(request, MAX_REPORT_BYTES)
     if body is None:
         rt.metrics.receipt_pushes.labels("too_large").inc()
         return _answer(413, 1, f"a push is at most {MAX_REPORT_BYTES} bytes")

@@ -347,14 +347,16 @@ class Store:
 
     # The delivery worker.
 
-    async def claim_messages(self, limit: int, lease_seconds: int) -> list[ClaimedMessage]:
+    async def _rows(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every row of one statement (a set-returning function)."""
         with _answered():
             async with self._pool.connection(timeout=5) as conn:
-                cur = await conn.execute(
-                    "select * from sms.claim_messages(%(worker)s, %(limit)s, %(lease)s)",
-                    {"worker": self._worker_id, "limit": limit, "lease": lease_seconds},
-                )
-                return [ClaimedMessage.from_row(row) for row in await cur.fetchall()]
+                return await (await conn.execute(query, params)).fetchall()
+
+    async def claim_messages(self, limit: int, lease_seconds: int) -> list[ClaimedMessage]:
+        rows = await self._rows("select * from sms.claim_messages(%(worker)s, %(limit)s, %(lease)s)",
+                                {"worker": self._worker_id, "limit": limit, "lease": lease_seconds})  # fmt: skip
+        return [ClaimedMessage.from_row(row) for row in rows]
 
     async def release_messages(self, timeout: float) -> int:
         """Hands this process's claimed, unsent messages back to the queue: how many."""
@@ -396,11 +398,9 @@ class Store:
                 await asyncio.sleep(random.uniform(0, 0.05 * 2**tries))
 
     async def receipts_due(self, after_seconds: int, limit: int) -> list[ReceiptDue]:
-        with _answered():
-            async with self._pool.connection(timeout=5) as conn:
-                cur = await conn.execute("select * from sms.receipts_due(%(after)s, %(limit)s)",
-                                         {"after": after_seconds, "limit": limit})  # fmt: skip
-                return [ReceiptDue.from_row(row) for row in await cur.fetchall()]
+        rows = await self._rows("select * from sms.receipts_due(%(after)s, %(limit)s)",
+                                {"after": after_seconds, "limit": limit})  # fmt: skip
+        return [ReceiptDue.from_row(row) for row in rows]
 
     async def receipt_stats(self, timeout: float) -> ReceiptStats:
         return ReceiptStats.from_json(await self._one("select sms.receipt_stats()", {}, timeout))

@@ -44,9 +44,9 @@ if TYPE_CHECKING:
     import aiohttp
     from yarl import URL
 
-__all__ = ["AliyunProvider", "classify_business_error"]
+__all__ = ["CHINA", "AliyunProvider", "classify_business_error"]
 
-_CHINA = timezone(timedelta(hours=8))  # Aliyun keeps send records by China Standard Time day
+CHINA = timezone(timedelta(hours=8))  # Aliyun keeps send records, and writes times, in China Standard Time
 _API_VERSION = "2017-05-25"
 _SIGNATURE = "ACS3-HMAC-SHA256"
 CONNECT_TIMEOUT = 2.0  # at most this much of a call's deadline may go to connecting
@@ -312,9 +312,9 @@ class AliyunProvider:
     async def find_sent(self, phone: str, out_ids: list[str], since: datetime, timeout: float) -> SendResult | None:
         """QuerySendDetails for each China-time day since `since`, matched on our OutId."""
         wanted = set(out_ids)
-        day = since.astimezone(_CHINA).date()
+        day = since.astimezone(CHINA).date()
         deadline = asyncio.get_running_loop().time() + timeout
-        while day <= datetime.now(_CHINA).date():
+        while day <= datetime.now(CHINA).date():
             body = await self._send_details(phone, day, deadline)
             for item in self._details(body):
                 if item.get("OutId") in wanted and item.get("SendStatus") != 2:  # 2: the carrier reported failure
@@ -327,7 +327,7 @@ class AliyunProvider:
     async def query_receipt(self, phone: str, biz_id: str, sent_at: datetime, timeout: float) -> Receipt | None:
         """QuerySendDetails narrowed to one BizId: SendStatus 3 delivered, 2 failed, 1 still waiting."""
         deadline = asyncio.get_running_loop().time() + timeout
-        body = await self._send_details(phone, sent_at.astimezone(_CHINA).date(), deadline, biz_id=biz_id)
+        body = await self._send_details(phone, sent_at.astimezone(CHINA).date(), deadline, biz_id=biz_id)
         for item in self._details(body):
             status = item.get("SendStatus")
             if status not in (2, 3):
@@ -349,6 +349,6 @@ class AliyunProvider:
 def _china_time(value: Any) -> datetime | None:
     """QuerySendDetails' "yyyy-MM-dd HH:mm:ss", China Standard Time."""
     try:
-        return datetime.strptime(str(value), "%Y-%m-%d %H:%M:%S").replace(tzinfo=_CHINA)
+        return datetime.strptime(str(value), "%Y-%m-%d %H:%M:%S").replace(tzinfo=CHINA)
     except ValueError:
         return None
