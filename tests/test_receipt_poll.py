@@ -7,16 +7,12 @@ from typing import Any
 
 import pytest
 
-from sidecar.app import create_app
-from sidecar.config import Config, WorkerConfig
-from sidecar.providers.aliyun import AliyunProvider
-from tests.support.aliyun import aliyun_config
-from tests.support.builders import fresh_phone
-from tests.support.codes import request_id
-from tests.support.database import Database, all_sent
-from tests.support.fake_aliyun import FakeAliyun, GatewayError, Send, push_receipts
+from tests.support.aliyun import in_process
+from tests.support.codes import delivered_codes
+from tests.support.database import Database
+from tests.support.fake_aliyun import FakeAliyun, GatewayError, push_receipts
 from tests.support.postgrest import SERVICE, PostgREST
-from tests.support.servers import run_app, sidecar_url, wait_until
+from tests.support.servers import wait_until
 
 pytestmark = pytest.mark.usefixtures("isolated")
 
@@ -25,19 +21,8 @@ TOKEN = "poll-test-token-0123456789"
 
 def polling(database: Database, fake: FakeAliyun, *, qps: float = 50.0, token: str | None = None) -> Any:
     # One second instead of the minute the environment insists on, so the test need not wait.
-    worker = WorkerConfig(backoff_seconds=0.0, sweep_seconds=0.2, receipt_poll_after_seconds=1, receipt_poll_qps=qps)
-    aliyun = aliyun_config(fake.endpoint)
-    config = Config(database_url=sidecar_url(database), hook_secrets=(), provider="aliyun", aliyun=aliyun,
-                    worker=worker, report_token=token)  # fmt: skip
-    return run_app(create_app(config, AliyunProvider(aliyun)))
-
-
-def send_codes(api: PostgREST, database: Database, fake: FakeAliyun, n: int) -> list[tuple[str, Send]]:
-    phones = [fresh_phone() for _ in range(n)]
-    ids = [request_id(api, p, SERVICE) for p in phones]
-    wait_until(lambda: all_sent(database, phones), 10, "the sends")
-    sends = {"86" + s.phone_numbers: s for s in fake.sends}
-    return [(rid, sends[p]) for rid, p in zip(ids, phones, strict=True)]
+    worker = {"receipt_poll_after_seconds": 1, "receipt_poll_qps": qps}
+    return in_process(database, fake, worker=worker, report_token=token)
 
 
 def verdict(api: PostgREST, rid: str) -> Any:
@@ -46,7 +31,7 @@ def verdict(api: PostgREST, rid: str) -> Any:
 
 def test_polling_stores_delivered_and_failed_verdicts(api: PostgREST, database: Database, fake: FakeAliyun) -> None:
     with polling(database, fake):
-        (ok_id, ok), (bad_id, bad), (waiting_id, waiting) = send_codes(api, database, fake, 3)
+        (ok_id, ok), (bad_id, bad), (waiting_id, waiting) = delivered_codes(api, database, fake, 3)
         fake.receipt(bad, success=False, err_code="MK:0004")  # what QuerySendDetails reports from now on
         waiting.send_status = 1  # still waiting for the carrier
         wait_until(lambda: verdict(api, ok_id)["delivered"] is True and verdict(api, bad_id)["delivered"] is False,
@@ -65,9 +50,9 @@ def test_polling_stores_delivered_and_failed_verdicts(api: PostgREST, database: 
 
 def test_a_pushed_receipt_is_not_polled_for(api: PostgREST, database: Database, fake: FakeAliyun) -> None:
     with polling(database, fake, token=TOKEN) as url:
-        ((rid, send),) = send_codes(api, database, fake, 1)
+        ((rid, send),) = delivered_codes(api, database, fake, 1)
         assert push_receipts(f"{url}/aliyun/sms-report/{TOKEN}", [fake.receipt(send)])[0] == 200
-        other = send_codes(api, database, fake, 1)[0][1]
+        other = delivered_codes(api, database, fake, 1)[0][1]
         wait_until(lambda: any(q.get("BizId") == other.biz_id for _, q in fake.queries), 10, "the other's poll")
     assert not [q for _, q in fake.queries if q.get("BizId") == send.biz_id]
     assert verdict(api, rid)["delivered"] is True
@@ -76,7 +61,7 @@ def test_a_pushed_receipt_is_not_polled_for(api: PostgREST, database: Database, 
 def test_polling_is_paced_and_survives_provider_errors(api: PostgREST, database: Database, fake: FakeAliyun) -> None:
     fake.fail_next(GatewayError(503, "ServiceUnavailable"), times=2, action="QuerySendDetails")
     with polling(database, fake, qps=4.0):
-        sends = send_codes(api, database, fake, 6)
+        sends = delivered_codes(api, database, fake, 6)
         wait_until(lambda: all(verdict(api, rid)["delivered"] for rid, _ in sends), 30, "every verdict")
     times = sorted(t for t, q in fake.queries if q.get("BizId") in {s.biz_id for _, s in sends})
     assert len(times) == 8  # two failed, asked again a poll later

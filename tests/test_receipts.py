@@ -14,18 +14,15 @@ import httpx
 import pytest
 
 from sidecar import store
-from sidecar.app import create_app
-from sidecar.config import Config, WorkerConfig
-from sidecar.providers.aliyun import AliyunProvider
 from sidecar.webhook import parse_secrets
-from tests.support.aliyun import aliyun_config
+from tests.support.aliyun import in_process
 from tests.support.builders import fresh_phone
-from tests.support.codes import request_id
+from tests.support.codes import delivered_codes
 from tests.support.database import Database, all_sent
 from tests.support.fake_aliyun import FakeAliyun, Send, push_receipts, push_until_acknowledged
 from tests.support.gotrue import GoTrueHookCaller, generate_secret, otp_login
 from tests.support.postgrest import SERVICE, Caller, PostgREST, user
-from tests.support.servers import run_app, sidecar_url, wait_until
+from tests.support.servers import wait_until
 
 pytestmark = pytest.mark.usefixtures("isolated")
 
@@ -34,12 +31,8 @@ HOOK_SECRET = generate_secret()
 ACK = {"code": 0, "msg": "成功"}
 
 
-def start(database: Database, fake: FakeAliyun, *, token: str | None = TOKEN, **worker: Any) -> Any:
-    aliyun = aliyun_config(fake.endpoint)
-    config = Config(database_url=sidecar_url(database), hook_secrets=parse_secrets(HOOK_SECRET), provider="aliyun",
-                    aliyun=aliyun, report_token=token,
-                    worker=WorkerConfig(**{"backoff_seconds": 0.0, "sweep_seconds": 0.2, **worker}))  # fmt: skip
-    return run_app(create_app(config, AliyunProvider(aliyun)))
+def start(database: Database, fake: FakeAliyun, *, token: str | None = TOKEN) -> Any:
+    return in_process(database, fake, report_token=token, hook_secrets=parse_secrets(HOOK_SECRET))
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +54,7 @@ def status(api: PostgREST, rid: str, caller: Caller = SERVICE) -> dict[str, Any]
 
 def sent_code(api: PostgREST, database: Database, fake: FakeAliyun, caller: Caller = SERVICE) -> tuple[str, Send]:
     """A code requested through the API and sent by the sidecar's worker: its request id and the send."""
-    phone = fresh_phone()
-    rid = request_id(api, phone, caller)
-    wait_until(lambda: all_sent(database, [phone]), 10, "the send")
-    (send,) = [s for s in fake.sends if "86" + s.phone_numbers == phone]
-    return rid, send
+    return delivered_codes(api, database, fake, 1, caller)[0]
 
 
 def ledger(database: Database, send: Send) -> dict[str, Any]:
@@ -177,11 +166,8 @@ def test_an_ambiguous_attempt_is_matched_by_its_number(
 def test_hundreds_of_receipts_in_one_push_are_one_round_trip(
     sidecar: str, api: PostgREST, database: Database, fake: FakeAliyun, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    phones = [fresh_phone() for _ in range(300)]
-    ids = {p: request_id(api, p, SERVICE) for p in phones}
-    wait_until(lambda: all_sent(database, phones), 30, "300 sends")
-    sends = {"86" + s.phone_numbers: s for s in fake.sends}
-    receipts = [fake.receipt(sends[p], success=i % 10 != 0) for i, p in enumerate(phones)]
+    codes = delivered_codes(api, database, fake, 300)
+    receipts = [fake.receipt(send, success=i % 10 != 0) for i, (_, send) in enumerate(codes)]
 
     statements: list[str] = []
     real_call = store.call
@@ -193,7 +179,7 @@ def test_hundreds_of_receipts_in_one_push_are_one_round_trip(
     monkeypatch.setattr(store, "call", counting)  # every statement of the Store goes through it
     assert push_receipts(report_url(sidecar), receipts, timeout=30) == (200, ACK)
     assert [q for q in statements if "record_receipts" in q] == ["select sms.record_receipts(%(receipts)s, %(source)s)"]
-    assert [status(api, ids[p])["delivered"] for p in phones] == [i % 10 != 0 for i in range(300)]
+    assert [status(api, rid)["delivered"] for rid, _ in codes] == [i % 10 != 0 for i in range(300)]
 
 
 MALFORMED = {

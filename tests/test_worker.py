@@ -13,24 +13,14 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.app import create_app
-from sidecar.config import Config, WorkerConfig
-from sidecar.providers.aliyun import AliyunProvider
-from tests.support.aliyun import aliyun_config, aliyun_env
+from tests.support.aliyun import aliyun_env, in_process
 from tests.support.builders import fresh_phone
 from tests.support.database import Database, all_sent
 from tests.support.fake_aliyun import BusinessError, Delay, Drop, FakeAliyun
 from tests.support.postgrest import SERVICE, PostgREST
-from tests.support.servers import SidecarProcess, run_app, sidecar_url, wait_until
+from tests.support.servers import SidecarProcess, sidecar_url, wait_until
 
 pytestmark = pytest.mark.usefixtures("isolated")
-
-
-def in_process(database: Database, fake: FakeAliyun, **worker: Any) -> Any:
-    aliyun = aliyun_config(fake.endpoint)
-    config = Config(database_url=sidecar_url(database), hook_secrets=(), provider="aliyun", aliyun=aliyun,
-                    worker=WorkerConfig(**{"backoff_seconds": 0.0, "sweep_seconds": 0.2, **worker}))  # fmt: skip
-    return run_app(create_app(config, AliyunProvider(aliyun)))
 
 
 def process(database: Database, fake: FakeAliyun, **env: str) -> SidecarProcess:
@@ -149,7 +139,7 @@ def test_transient_failures_are_retried_until_sent(api: PostgREST, database: Dat
 def test_retries_stop_at_the_limit(api: PostgREST, database: Database, fake: FakeAliyun) -> None:
     phone = fresh_phone()
     fake.fail_phone(phone[2:], BusinessError("isp.SYSTEM_ERROR"))
-    with in_process(database, fake, max_attempts=3):
+    with in_process(database, fake, worker={"max_attempts": 3}):
         request_id = enqueue_one(api, phone)
         wait_until(lambda: status_of(api, request_id)["status"] == "failed", 20, "giving up")
     assert len(delivery_outcomes(database, phone)) == 3
